@@ -19,7 +19,6 @@ import time
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from configs import parse_config
 from utility_functions import (
@@ -38,6 +37,7 @@ from utility_functions import (
     is_improvement,
     load_model_for_training,
     prepare_run,
+    progress_bar,
     run_cli,
     save_model_directory,
     test_best_model,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         loader.batch_sampler.set_epoch(epoch)  # a fresh, reproducible order every epoch
         model.train()
         running_loss, seen = 0.0, 0
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", dynamic_ncols=True)
+        progress = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}")
         for i, batch in enumerate(progress):
             batch = {key: value.to(device) for key, value in batch.items()}
             with autocast(device):

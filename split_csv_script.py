@@ -7,7 +7,7 @@ Writes <stem>_train.csv and <stem>_test.csv beside the input (or in --output_dir
 input's columns, rows in their original order. Every class keeps about --test-size of its rows
 on the test side and at least one on each side; a class with a single row cannot be split and
 is refused. Multi-label rows are stratified by their rarest label, which spreads rare labels
-over both files.
+over both files, and every label of the test file also appears in the train file.
 """
 
 from __future__ import annotations
@@ -61,7 +61,18 @@ def refuse_unsplittable(counts: Counter, path: str) -> None:
 
 def split_indices(targets: np.ndarray, task: str, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     test = take_per_group(stratify_keys(targets, task), held_out_count(test_size), seed)
+    if task == "multilabel":
+        test = test[~orphan_rows(targets, test)]
     return np.setdiff1d(np.arange(len(targets)), test), test
+
+
+def orphan_rows(targets: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Mask over `test`: rows holding a label that no training row has. Training would refuse
+    such a test file, so these rows go to the training side."""
+    in_train = np.ones(len(targets), dtype=bool)
+    in_train[test] = False
+    train_has = (targets[in_train] >= 0.5).any(axis=0)
+    return ((targets[test] >= 0.5) & ~train_has).any(axis=1)
 
 
 def print_distribution(name: str, counts: Counter, rows: int) -> None:

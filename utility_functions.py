@@ -17,10 +17,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,9 +30,6 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 
 from configs import Config, resolve_embedded
-
-TASKS = ("binary", "multiclass", "multilabel")
-
 
 # ---------------------------------------------------------------------------------------
 # Errors and atomic writes
@@ -161,6 +158,8 @@ def checked_texts(frame: pd.DataFrame, path: str | Path, column: str) -> list[st
     """The text column as a list of strings; empty, blank or non-string cells are errors."""
     texts = frame[column].tolist()
     for row, text in enumerate(texts, start=1):
+        if text is None or (isinstance(text, float) and math.isnan(text)):
+            raise DataError(f"{path}, row {row}: column {column!r} is empty")
         if not isinstance(text, str):
             raise DataError(f"{path}, row {row}: column {column!r} holds {type(text).__name__} {text!r}, not text")
         if not text.strip():
@@ -493,6 +492,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
 
     warmup = round(config.warmup_ratio * total_steps)
     return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def progress_bar(iterable: Any, description: str) -> Any:
+    """tqdm that refreshes live in a terminal and every 30 s in a log file (CI, nohup)."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30)
 
 
 def gpu_utilization(device: torch.device) -> dict[str, str]:
