@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,7 @@ class Config:
     )
     pos_weight: bool = _arg(True, "Binary: weight positives by negatives/positives of the training set.")
     group_by_length: bool = _arg(True, "Batch texts of similar length together (less padding, faster).")
+    pad_to_max_length: bool = _arg(False, "Pad every batch to max_length (the naive way; for benchmarks).")
 
     # --- evaluation and checkpoints ---
     metric_for_best_model: str = _arg(
@@ -88,7 +91,17 @@ class Config:
         "Validation metric that picks the best checkpoint: macro_f1, accuracy, micro_f1 "
         "(multilabel), f1 (binary, positive class) or loss (lower is better).",
     )
-    eval_steps: int = _arg(0, "Also evaluate every this many optimizer steps; 0: once per epoch only.")
+    eval_steps: int = _arg(
+        0, "Also evaluate and save a training state every this many optimizer steps; 0: at epoch ends only."
+    )
+    save_total_limit: int = _arg(2, "Training-state checkpoints kept (the newest); best_model/ is kept apart.")
+    resume: str = _arg(
+        "",
+        "Resume training: --resume alone takes the latest checkpoint of --run_name, --resume PATH a checkpoint "
+        "directory. The run's saved config is reused; flags given on this command line override it.",
+        nargs="?",
+        const="latest",
+    )
     logging_steps: int = _arg(10, "Write the training loss to TensorBoard every this many optimizer steps.")
 
     # --- run ---
@@ -126,7 +139,7 @@ def _str_to_bool(text: str) -> bool:
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
     )
     for f in dataclasses.fields(Config):
         kwargs = {"default": f.default, "help": f.metadata["help"]}
@@ -134,23 +147,64 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
             kwargs.update(type=_str_to_bool, metavar="{true,false}")
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}[f.type]
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
+        for key in ("choices", "nargs", "const"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
         parser.add_argument(f"--{f.name}", **kwargs)
     return parser
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
-    """Parse command-line overrides into a Config and check values that argparse cannot."""
+    """Parse command-line overrides into a Config and check values that argparse cannot.
+
+    With --resume, the saved config of the run being resumed is the base, and only the flags
+    given explicitly on this command line change it."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(description).parse_args(argv)
     config = Config(**vars(args))
+    if config.resume:
+        saved = json.loads(saved_config_path(config).read_text())
+        known = {f.name for f in dataclasses.fields(Config)}
+        given = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+        config = Config(**{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(config, k) for k in given}})
     check_config(config)
     return config
 
 
+def run_directory(config: Config) -> Path:
+    return Path(config.output_dir) / config.run_name
+
+
+def checkpoint_to_resume(config: Config) -> Path:
+    """The checkpoint directory --resume names: the newest of the run, or the path given."""
+    if config.resume != "latest":
+        path = Path(config.resume)
+        if not path.is_dir():
+            raise SystemExit(f"error: --resume {path}: no such checkpoint directory")
+        return path
+    if not config.run_name:
+        raise SystemExit("error: --resume without a path needs --run_name of the run to resume")
+    checkpoints = sorted((run_directory(config) / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)
+    if not checkpoints:
+        raise SystemExit(f"error: --resume: no checkpoint under {run_directory(config) / 'checkpoints'}")
+    return checkpoints[-1]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])
+
+
+def saved_config_path(config: Config) -> Path:
+    """<run>/config.json of the run a checkpoint belongs to (<run>/checkpoints/checkpoint-N)."""
+    path = checkpoint_to_resume(config).parent.parent / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --resume: {path} not found; is this a checkpoint of a run?")
+    return path
+
+
 def check_config(config: Config) -> None:
     """Fail early, with the flag's name, on values that would only break later."""
-    positive = ["batch_size", "epochs", "max_length", "gradient_accumulation_steps", "logging_steps"]
+    positive = ["batch_size", "epochs", "max_length", "gradient_accumulation_steps", "logging_steps", "save_total_limit"]
     for name in positive:
         if getattr(config, name) < 1:
             raise SystemExit(f"error: --{name} must be at least 1, got {getattr(config, name)}")

@@ -2,12 +2,14 @@
 
     python manual_classification.py                    # all-MiniLM-L6-v2 on BANKING77, offline
     python manual_classification.py --train_file reviews.csv --text_column review --label_column stars
+    python manual_classification.py --run_name reviews --resume     # continue an interrupted run
 
 Binary tasks train BCE-with-logits (pos_weight = negatives/positives), multi-class tasks
 cross-entropy, multi-label tasks per-label BCE on hard or soft (0..1) targets. The lower layers
 are frozen for the first epochs, the best checkpoint by validation metric is kept, and the
 run ends by testing that checkpoint. Outputs go to <output_dir>/<run_name>/, TensorBoard logs
-to runs/<run_name>/.
+to runs/<run_name>/. A training state is saved after every epoch (and every --eval_steps), so
+a resumed run continues exactly: same batches, same losses.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import dataclasses
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from configs import parse_config
+from configs import checkpoint_to_resume, parse_config
 from utility_functions import (
     ClassificationLoss,
     PreparedRun,
@@ -36,15 +39,35 @@ from utility_functions import (
     gpu_utilization,
     is_improvement,
     load_model_for_training,
+    load_training_state,
     prepare_run,
     progress_bar,
+    restore_rng_state,
+    rng_state,
     run_cli,
     save_model_directory,
+    save_training_state,
     test_best_model,
     top_k_summary,
     train_loader,
+    trainable_parameter_names,
     write_json,
 )
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every training state so a resumed run picks up exactly."""
+
+    epoch: int = 0  # epoch in progress, 0-based
+    batches_done: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimizer steps so far
+    epoch_loss: float = 0.0  # sum of step losses in this epoch ...
+    epoch_steps: int = 0  # ... over this many steps
+    window_loss: float = 0.0  # sum of step losses since the last TensorBoard point ...
+    window_steps: int = 0  # ... over this many steps
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
 
 
 def validate(model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter, step: int) -> dict[str, float]:
@@ -64,78 +87,120 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = load_model_for_training(config.model_name_or_path, run.space).to(device)
     loss_fn = build_loss(run.space, run.train_data.targets, config).to(device)
-    loader = train_loader(run.train_set, run.collator, config)
+    loader = train_loader(run)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     optimizer = build_optimizer(model, config, device)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     # fp16 needs loss scaling against underflow; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+    progress = Progress()
+    if config.resume:
+        checkpoint = checkpoint_to_resume(config)
+        state = load_training_state(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        progress = Progress(**state["progress"])
+        print(f"resuming from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
 
     run.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run.run_dir / "config.json", dataclasses.asdict(config))
     writer = SummaryWriter(run.log_dir)
-    history: list[dict] = []
-    best: dict | None = None
     best_dir = run.run_dir / "best_model"
     metric = config.metric_for_best_model
+    trainable_by_epoch: list[list[str]] = []
 
-    def validate_and_checkpoint(epoch: int, step: int, train_loss: float) -> None:
-        nonlocal best
-        metrics = validate(model, run, loss_fn, writer, step)
-        history.append({"epoch": epoch + 1, "step": step, "train_loss": train_loss, **metrics})
-        improved = is_improvement(metric, metrics[metric], best and best[metric])
-        print(f"epoch {epoch + 1} step {step}: validation {format_metrics(metrics)}{' (best)' if improved else ''}")
+    def save_state() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "progress": dataclasses.asdict(progress),
+        }
+        save_training_state(run.run_dir, progress.step, state, config.save_total_limit)
+
+    def validate_and_checkpoint() -> None:
+        metrics = validate(model, run, loss_fn, writer, progress.step)
+        train_loss = progress.epoch_loss / max(progress.epoch_steps, 1)
+        progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss, **metrics})
+        improved = is_improvement(metric, metrics[metric], progress.best and progress.best[metric])
+        print(f"epoch {progress.epoch + 1} step {progress.step}: validation {format_metrics(metrics)}{' (best)' if improved else ''}")
         if improved:
-            best = history[-1]
+            progress.best = progress.history[-1]
             if run.space.task == "multilabel":
                 model.config.multilabel_threshold = metrics["threshold"]  # reused on test and at inference
-            save_model_directory(model, run.tokenizer, best_dir, {"metrics.json": best, "training_config.json": dataclasses.asdict(config)})
-        write_json(run.run_dir / "metrics.json", {"metric_for_best_model": metric, "best": best, "history": history})
+            extra = {"metrics.json": progress.best, "training_config.json": dataclasses.asdict(config)}
+            save_model_directory(model, run.tokenizer, best_dir, extra)
+        write_json(run.run_dir / "metrics.json", {"metric_for_best_model": metric, "best": progress.best, "history": progress.history})
         model.train()
 
-    step, started = 0, time.time()
-    for epoch in range(config.epochs):
-        print(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
-        loader.batch_sampler.set_epoch(epoch)  # a fresh, reproducible order every epoch
-        model.train()
-        running_loss, seen = 0.0, 0
-        progress = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}")
-        for i, batch in enumerate(progress):
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast(device):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits, batch["labels"])
-            scaler.scale(loss / config.gradient_accumulation_steps).backward()
-            running_loss += loss.item()
-            seen += 1
-            if (i + 1) % config.gradient_accumulation_steps and i + 1 < len(loader):
-                continue  # keep accumulating gradients
-            if config.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+    started = time.time()
+    try:
+        while progress.epoch < config.epochs:
+            epoch = progress.epoch
+            print(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
+            trainable_by_epoch.append(trainable_parameter_names(model))
+            loader.batch_sampler.set_epoch(epoch, skip=progress.batches_done)  # reproducible order per epoch
+            model.train()
+            step_loss, micro_batches = 0.0, 0
+            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}")
+            for i, batch in enumerate(bar, start=progress.batches_done):
+                batch = {key: value.to(device) for key, value in batch.items()}
+                with autocast(device):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = loss_fn(logits, batch["labels"])
+                scaler.scale(loss / config.gradient_accumulation_steps).backward()
+                step_loss += loss.item()
+                micro_batches += 1
+                if (i + 1) % config.gradient_accumulation_steps and i + 1 < len(loader):
+                    continue  # keep accumulating gradients
+                if config.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            lr = scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", **gpu_utilization(device))
-            if step % config.logging_steps == 0:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/learning_rate", lr, step)
-            if config.eval_steps and step % config.eval_steps == 0:
-                validate_and_checkpoint(epoch, step, running_loss / seen)
-        validate_and_checkpoint(epoch, step, running_loss / seen)
-    writer.close()
+                progress.step += 1
+                progress.batches_done = i + 1
+                mean_loss, step_loss, micro_batches = step_loss / micro_batches, 0.0, 0
+                progress.epoch_loss += mean_loss
+                progress.epoch_steps += 1
+                progress.window_loss += mean_loss
+                progress.window_steps += 1
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **gpu_utilization(device), refresh=False)
+                if progress.step % config.logging_steps == 0:
+                    writer.add_scalar("train/loss", progress.window_loss / progress.window_steps, progress.step)
+                    writer.add_scalar("train/learning_rate", lr, progress.step)
+                    progress.window_loss, progress.window_steps = 0.0, 0
+                if config.eval_steps and progress.step % config.eval_steps == 0 and i + 1 < len(loader):
+                    validate_and_checkpoint()
+                    save_state()
+            validate_and_checkpoint()
+            progress.epoch, progress.batches_done = epoch + 1, 0
+            progress.epoch_loss, progress.epoch_steps = 0.0, 0
+            save_state()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; best model in {best_dir}; continue with: --run_name {config.run_name} --resume", file=sys.stderr)
+        raise
+    finally:
+        writer.close()
 
     train_seconds = time.time() - started
+    best = progress.best
     print(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
         print(f"test: {format_metrics(test_metrics)}")
     print(f"outputs in {run.run_dir}")
-    return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds}
+    return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
+            "trainable_by_epoch": trainable_by_epoch}
 
 
 if __name__ == "__main__":

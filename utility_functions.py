@@ -29,7 +29,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 from torch import nn
 
-from configs import Config, resolve_embedded
+from configs import Config, checkpoint_step, resolve_embedded, run_directory
 
 # ---------------------------------------------------------------------------------------
 # Errors and atomic writes
@@ -41,12 +41,15 @@ class DataError(ValueError):
 
 
 def run_cli(main: Callable[[list[str] | None], Any]) -> int:
-    """Run a script's main; bad input ends with one `error:` line and exit code 2, no traceback."""
+    """Run a script's main; bad input ends with one `error:` line and exit code 2, Ctrl-C with
+    exit code 130, neither with a traceback."""
     try:
         main(None)
     except (DataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -119,6 +122,47 @@ def save_model_directory(model: nn.Module, tokenizer: Any, target: Path, extra_j
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write <run>/checkpoints/checkpoint-<step>/training_state.pt (built aside, then renamed into
+    place) and delete all but the newest `keep` checkpoints."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    target = checkpoints / f"checkpoint-{step}"
+    staging = Path(tempfile.mkdtemp(dir=checkpoints, prefix=f".{target.name}.tmp-"))
+    try:
+        torch.save(state, staging / "training_state.pt")
+        os.chmod(staging, _default_mode(directory=True))
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in sorted(checkpoints.glob("checkpoint-*"), key=checkpoint_step)[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    path = Path(checkpoint) / "training_state.pt"
+    if not path.is_file():
+        raise DataError(f"{checkpoint}: no training_state.pt (not a checkpoint of manual_classification.py)")
+    return torch.load(path, weights_only=False)  # our own file: holds numpy and python RNG states
 
 
 # ---------------------------------------------------------------------------------------
@@ -444,9 +488,12 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.group_by_length = group_by_length
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Order of `epoch`; the first `skip` batches are left out (resuming mid-epoch)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
@@ -462,13 +509,20 @@ class TrainBatchSampler(torch.utils.data.Sampler):
                 for i in sorted(order[start : start + chunk], key=lambda j: -self.lengths[j])
             ]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
+        for b in torch.randperm(len(batches), generator=generator).tolist()[self.skip :]:
             yield batches[b]
 
 
-def train_loader(dataset: EncodedDataset, collator: PaddingCollator, config: Config) -> torch.utils.data.DataLoader:
-    sampler = TrainBatchSampler(dataset.lengths, config.batch_size, config.seed, config.group_by_length)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
+def train_loader(run: PreparedRun) -> torch.utils.data.DataLoader:
+    config = run.config
+    sampler = TrainBatchSampler(run.train_set.lengths, config.batch_size, config.seed, config.group_by_length)
+    return torch.utils.data.DataLoader(run.train_set, batch_sampler=sampler, collate_fn=train_collator(run))
+
+
+def train_collator(run: PreparedRun) -> PaddingCollator:
+    """Batches padded to their longest text, or to max_length with --pad_to_max_length (naive)."""
+    pad_to = run.config.max_length if run.config.pad_to_max_length else None
+    return PaddingCollator(run.tokenizer.pad_token_id, pad_to)
 
 
 # ---------------------------------------------------------------------------------------
@@ -866,9 +920,9 @@ def prepare_run(config: Config) -> PreparedRun:
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
         raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
-    run_dir = Path(config.output_dir) / config.run_name
-    if (run_dir / "config.json").exists():
-        raise DataError(f"{run_dir} already holds a run; choose another --run_name")
+    run_dir = run_directory(config)
+    if (run_dir / "config.json").exists() and not config.resume:
+        raise DataError(f"{run_dir} already holds a run; choose another --run_name, or add --resume")
     tokenizer = load_tokenizer(config.model_name_or_path)
     return PreparedRun(
         config=config,

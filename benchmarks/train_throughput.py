@@ -1,0 +1,91 @@
+"""Training throughput, side by side in one run: the hand-written loop, the Trainer variant, and
+the hand-written loop with every batch padded to max_length (the naive approach).
+
+    .venv/bin/python benchmarks/train_throughput.py                      # IMDB, max_length 256
+    .venv/bin/python benchmarks/train_throughput.py --dataset banking77 --max_length 128 --rows 1024
+
+Each variant trains all-MiniLM-L6-v2 for one epoch on the same rows (nothing frozen, so every
+step does the full backward pass); the variants take turns for --rounds rounds and the median is
+reported. Timed: the training call, which for both scripts includes one validation pass over
+32 rows and one checkpoint save. Data comes from ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import manual_classification
+import trainer_classification
+from configs import resolve_embedded
+
+DATA = {
+    "imdb": ("imdb/train.csv.gz", "imdb/test.csv.gz"),
+    "banking77": ("banking77/train.csv", "banking77/test.csv"),
+}
+VARIANTS = {
+    "manual loop (dynamic padding, length-grouped)": (manual_classification.main, []),
+    "Trainer (dynamic padding, group_by_length)": (trainer_classification.main, []),
+    "manual loop, padded to max_length (naive)": (
+        manual_classification.main, ["--pad_to_max_length=true", "--group_by_length=false"]
+    ),
+}
+
+
+def write_slices(dataset: str, rows: int, seed: int, directory: Path) -> tuple[Path, Path]:
+    train_name, test_name = DATA[dataset]
+    shared = REPO.parent / "shared" / "data"
+    train = pd.read_csv(shared / train_name).sample(n=rows, random_state=seed)
+    valid = pd.read_csv(shared / test_name)
+    valid = valid[valid["label"].isin(train["label"].unique())].sample(n=32, random_state=seed)
+    paths = directory / "train.csv", directory / "valid.csv"
+    train.to_csv(paths[0], index=False)
+    valid.to_csv(paths[1], index=False)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=sorted(DATA), default="imdb")
+    parser.add_argument("--rows", type=int, default=256, help="training rows per epoch")
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num_threads", type=int, default=2)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train, valid = write_slices(args.dataset, args.rows, 0, tmp)
+        common = [
+            f"--model_name_or_path={resolve_embedded('embedded:all-MiniLM-L6-v2')}",
+            f"--train_file={train}", f"--validation_file={valid}", "--test_file=",
+            f"--max_length={args.max_length}", f"--batch_size={args.batch_size}", "--epochs=1",
+            "--freeze_epochs=0", f"--num_threads={args.num_threads}",
+            f"--output_dir={tmp / 'outputs'}", f"--logging_dir={tmp / 'runs'}", "--save_total_limit=1",
+        ]
+        seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for round_ in range(args.rounds):
+            for i, (name, (run, extra)) in enumerate(VARIANTS.items()):
+                result = run([*common, *extra, f"--run_name=r{round_}-v{i}"])
+                seconds[name].append(result["train_seconds"])
+
+    print(f"\n{args.dataset}: {args.rows} rows, max_length {args.max_length}, batch {args.batch_size}, "
+          f"{args.num_threads} threads, median of {args.rounds} interleaved rounds")
+    manual = args.rows / statistics.median(seconds[next(iter(VARIANTS))])
+    print("| variant | examples/s | manual loop / variant |\n|---|---|---|")
+    for name, values in seconds.items():
+        rate = args.rows / statistics.median(values)
+        print(f"| {name} | {rate:.1f} | {manual / rate:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Resume, checked like torchtune's recipe tests: train 2 epochs straight; separately train 1
+epoch, stop, resume for the second; the second epoch's per-step losses and the final metrics
+match. And Ctrl-C in the middle of an epoch leaves a loadable best model and a resumable state."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+import manual_classification
+import trainer_classification
+from tests.conftest import REPO, banking77_slice, tiny_run_args
+
+# On CPU the resumed run repeats the same float operations in the same order: losses agree
+# to the last bit in practice; the tolerance only absorbs summation-order noise.
+LOSS_TOLERANCE = 1e-6
+
+
+def step_losses(log_dir) -> dict[int, float]:
+    events = EventAccumulator(str(log_dir)).Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def resume_args(tiny_bert_dir, tmp_path, slice_files):
+    train, test = slice_files
+    return [f"--train_file={train}", f"--test_file={test}", "--epochs=2", "--logging_steps=1", "--save_total_limit=3"]
+
+
+def test_manual_loop_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
+    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
+    straight = manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
+    checkpoints = sorted((straight["run_dir"] / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 2  # one per epoch
+    after_epoch_1 = int(checkpoints[0].name.split("-")[1])
+
+    # "stop after epoch 1": a copy of the run as it stood then, holding only the first checkpoint
+    stopped = tmp_path / "outputs" / "stopped"
+    stopped.mkdir()
+    shutil.copy(straight["run_dir"] / "config.json", stopped / "config.json")
+    shutil.copytree(checkpoints[0], stopped / "checkpoints" / checkpoints[0].name)
+    resumed = manual_classification.main(
+        [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
+    )
+
+    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > after_epoch_1}
+    got = step_losses(tmp_path / "runs" / "stopped")
+    assert expected and sorted(got) == sorted(expected)
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
+    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
+    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
+    history = json.loads((stopped / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]  # the history before the stop came back with the state
+
+
+class StopAfterFirstEpoch(TrainerCallback):
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_training_stop = True
+
+
+def test_trainer_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
+    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
+    straight = trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
+    trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common], callbacks=[StopAfterFirstEpoch()])
+    steps_per_epoch = straight["trainer"].state.global_step // 2
+    resumed = trainer_classification.main(
+        [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
+    )
+
+    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > steps_per_epoch}
+    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > steps_per_epoch}
+    assert expected and sorted(got) == sorted(expected)
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
+    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
+    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
+
+
+def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_dir, tmp_path):
+    train, test = banking77_slice(tmp_path, classes=20, train_per_class=100, test_per_class=5)
+    args = [*tiny_run_args(tiny_bert_dir, tmp_path, "interrupted"), f"--train_file={train}", f"--test_file={test}", "--epochs=3"]
+    process = subprocess.Popen(
+        [sys.executable, "-u", "manual_classification.py", *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("epoch 2:"):  # the second epoch has begun
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted; best model in" in stderr and "--resume" in stderr
+
+    run_dir = tmp_path / "outputs" / "interrupted"
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "best_model")  # loadable
+    first_epoch = json.loads((run_dir / "metrics.json").read_text())["best"]
+    assert first_epoch["epoch"] == 1
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"checkpoint-{first_epoch['step']}"]
+    assert not (run_dir / "test_metrics.json").exists()
+
+    resumed = manual_classification.main([f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}",
+                                          "--run_name=interrupted", "--resume"])
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert resumed["test"]["accuracy"] > 0
