@@ -12,10 +12,10 @@ from tests.conftest import banking77_slice, shared_file, tiny_run_args
 from utility_functions import build_loss, load_model_for_training, prepare_run
 
 # Both runs see the same data with the same seed, but Trainer's length-grouped sampler orders the
-# batches differently, so the two end at different points. With the settings below (lr 3e-3,
-# 8 epochs: the stable regime of the tiny model; at lr 1e-2 either script lands anywhere from
-# 0.2 to 0.9) test accuracies over seeds 1-3 were 0.97/0.97, 0.98/0.98, 0.94/0.96.
-F1_TOLERANCE = 0.05
+# batches (and Trainer re-seeds dropout) differently, so the two end at different points. With the
+# settings below, test accuracies (manual/Trainer) over seeds 42, 1-7 were 0.98/1.0, 0.97/0.96,
+# 0.97/0.96, 0.95/0.99, 1.0/0.95, 0.94/0.97, 0.97/0.95, 0.97/0.96: gaps of at most 0.05.
+F1_TOLERANCE = 0.08
 
 
 def task_files(task: str, tmp_path) -> list[str]:
