@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(run.run_dir / "metrics.json", {"metric_for_best_model": metric, "best": progress.best, "history": progress.history})
         model.train()
 
-    started = time.time()
+    started, step_seconds = time.time(), 0.0  # step_seconds: training steps only, for benchmarks
     try:
         while progress.epoch < config.epochs:
             epoch = progress.epoch
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
             model.train()
             step_loss, micro_batches = 0.0, 0
             bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}")
+            epoch_started = time.perf_counter()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}
                 with autocast(device):
@@ -180,8 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
                     writer.add_scalar("train/learning_rate", lr, progress.step)
                     progress.window_loss, progress.window_steps = 0.0, 0
                 if config.eval_steps and progress.step % config.eval_steps == 0 and i + 1 < len(loader):
+                    step_seconds += time.perf_counter() - epoch_started
                     validate_and_checkpoint()
                     save_state()
+                    epoch_started = time.perf_counter()
+            step_seconds += time.perf_counter() - epoch_started
             validate_and_checkpoint()
             progress.epoch, progress.batches_done = epoch + 1, 0
             progress.epoch_loss, progress.epoch_steps = 0.0, 0
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"test: {format_metrics(test_metrics)}")
     print(f"outputs in {run.run_dir}")
     return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
-            "trainable_by_epoch": trainable_by_epoch}
+            "step_seconds": step_seconds, "trainable_by_epoch": trainable_by_epoch}
 
 
 if __name__ == "__main__":
