@@ -516,7 +516,11 @@ class TrainBatchSampler(torch.utils.data.Sampler):
 def train_loader(run: PreparedRun) -> torch.utils.data.DataLoader:
     config = run.config
     sampler = TrainBatchSampler(run.train_set.lengths, config.batch_size, config.seed, config.group_by_length)
-    return torch.utils.data.DataLoader(run.train_set, batch_sampler=sampler, collate_fn=train_collator(run))
+    # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a run
+    # resumed mid-epoch (new iterator there) would see different dropout masks than a straight run.
+    return torch.utils.data.DataLoader(
+        run.train_set, batch_sampler=sampler, collate_fn=train_collator(run), generator=torch.Generator()
+    )
 
 
 def train_collator(run: PreparedRun) -> PaddingCollator:

@@ -3,7 +3,6 @@ epoch, stop, resume for the second; the second epoch's per-step losses and the f
 match. And Ctrl-C in the middle of an epoch leaves a loadable best model and a resumable state."""
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,31 +30,71 @@ def resume_args(tiny_bert_dir, tmp_path, slice_files):
     return [f"--train_file={train}", f"--test_file={test}", "--epochs=2", "--logging_steps=1", "--save_total_limit=3"]
 
 
-def test_manual_loop_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
-    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
-    straight = manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
-    checkpoints = sorted((straight["run_dir"] / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
-    assert len(checkpoints) == 2  # one per epoch
-    after_epoch_1 = int(checkpoints[0].name.split("-")[1])
+def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the manual loop stop as Ctrl-C would, right after it has written checkpoint `step`."""
+    real_save = manual_classification.save_training_state
 
-    # "stop after epoch 1": a copy of the run as it stood then, holding only the first checkpoint
-    stopped = tmp_path / "outputs" / "stopped"
-    stopped.mkdir()
-    shutil.copy(straight["run_dir"] / "config.json", stopped / "config.json")
-    shutil.copytree(checkpoints[0], stopped / "checkpoints" / checkpoints[0].name)
+    def save_then_interrupt(run_dir, saved_step, state, keep):
+        path = real_save(run_dir, saved_step, state, keep)
+        if saved_step == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(manual_classification, "save_training_state", save_then_interrupt)
+
+
+def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str], stop_step) -> None:
+    """Straight run, then the same run stopped after checkpoint `stop_step(straight_result)` and
+    resumed: per-step losses after the stop and the final metrics must match."""
+    straight = manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
+    stop = stop_step(straight)
+    with monkeypatch.context() as patch:
+        interrupt_after_checkpoint(patch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common])
+    assert not (tmp_path / "outputs" / "stopped" / "test_metrics.json").exists()
     resumed = manual_classification.main(
         [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
     )
 
-    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > after_epoch_1}
-    got = step_losses(tmp_path / "runs" / "stopped")
+    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > stop}
+    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > stop}
     assert expected and sorted(got) == sorted(expected)
     for step, value in expected.items():
         assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
     assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
     assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
-    history = json.loads((stopped / "metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2]  # the history before the stop came back with the state
+    history = json.loads((tmp_path / "outputs" / "stopped" / "metrics.json").read_text())["history"]
+    straight_history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
+    assert len(history) == len(straight_history)
+    for entry, expected_entry in zip(history, straight_history, strict=True):
+        assert entry == pytest.approx(expected_entry, abs=LOSS_TOLERANCE)
+
+
+def test_manual_loop_resumes_exactly_after_an_epoch(tiny_bert_dir, banking_slice, tmp_path, monkeypatch):
+    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
+
+    def end_of_first_epoch(straight):
+        steps = sorted(int(p.name.split("-")[1]) for p in (straight["run_dir"] / "checkpoints").iterdir())
+        assert len(steps) == 2  # one per epoch
+        return steps[0]
+
+    check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common, end_of_first_epoch)
+
+
+def test_manual_loop_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_bert_dir, banking_slice, tmp_path, monkeypatch):
+    train, test = banking_slice
+    common = [f"--train_file={train}", f"--test_file={test}", "--epochs=2", "--logging_steps=1",
+              "--eval_steps=7", "--save_total_limit=20", "--gradient_accumulation_steps=2"]
+
+    def inside_second_epoch(straight):
+        history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
+        epoch_one_end = max(h["step"] for h in history if h["epoch"] == 1)
+        stop = next(h["step"] for h in history if h["epoch"] == 2)  # first mid-epoch evaluation of epoch 2
+        assert epoch_one_end < stop < history[-1]["step"] and stop % 7 == 0
+        return stop
+
+    check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common, inside_second_epoch)
 
 
 class StopAfterFirstEpoch(TrainerCallback):
