@@ -1,4 +1,4 @@
-"""Reusable pieces shared by both training scripts (and the compressor).
+"""Reusable pieces shared by both training scripts and the split script.
 
 Sections, top to bottom: errors and atomic writes, reading and checking data, label spaces
 and task detection, stratified sampling, tokenising and batching, model loading and layer
