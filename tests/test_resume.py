@@ -25,9 +25,25 @@ def step_losses(log_dir) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars("train/loss")}
 
 
-def resume_args(tiny_bert_dir, tmp_path, slice_files):
+def resume_args(slice_files) -> list[str]:
     train, test = slice_files
     return [f"--train_file={train}", f"--test_file={test}", "--epochs=2", "--logging_steps=1", "--save_total_limit=3"]
+
+
+def resume_stopped_run(tmp_path) -> list[str]:
+    """Command line that resumes the run named 'stopped' from its newest checkpoint."""
+    return [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
+
+
+def assert_resumed_like_straight(tmp_path, stop: int, straight: dict, resumed: dict) -> None:
+    """Per-step losses after step `stop`, the best entry and the test metrics all match."""
+    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > stop}
+    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > stop}
+    assert expected and sorted(got) == sorted(expected)
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
+    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
+    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
 
 
 def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
@@ -53,17 +69,8 @@ def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str],
         with pytest.raises(KeyboardInterrupt):
             manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common])
     assert not (tmp_path / "outputs" / "stopped" / "test_metrics.json").exists()
-    resumed = manual_classification.main(
-        [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
-    )
-
-    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > stop}
-    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > stop}
-    assert expected and sorted(got) == sorted(expected)
-    for step, value in expected.items():
-        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
-    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
-    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
+    resumed = manual_classification.main(resume_stopped_run(tmp_path))
+    assert_resumed_like_straight(tmp_path, stop, straight, resumed)
     history = json.loads((tmp_path / "outputs" / "stopped" / "metrics.json").read_text())["history"]
     straight_history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
     assert len(history) == len(straight_history)
@@ -72,7 +79,7 @@ def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str],
 
 
 def test_manual_loop_resumes_exactly_after_an_epoch(tiny_bert_dir, banking_slice, tmp_path, monkeypatch):
-    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
+    common = resume_args(banking_slice)
 
     def end_of_first_epoch(straight):
         steps = sorted(int(p.name.split("-")[1]) for p in (straight["run_dir"] / "checkpoints").iterdir())
@@ -103,21 +110,11 @@ class StopAfterFirstEpoch(TrainerCallback):
 
 
 def test_trainer_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
-    common = resume_args(tiny_bert_dir, tmp_path, banking_slice)
+    common = resume_args(banking_slice)
     straight = trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
     trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common], callbacks=[StopAfterFirstEpoch()])
-    steps_per_epoch = straight["trainer"].state.global_step // 2
-    resumed = trainer_classification.main(
-        [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
-    )
-
-    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > steps_per_epoch}
-    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > steps_per_epoch}
-    assert expected and sorted(got) == sorted(expected)
-    for step, value in expected.items():
-        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
-    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
-    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
+    resumed = trainer_classification.main(resume_stopped_run(tmp_path))
+    assert_resumed_like_straight(tmp_path, straight["trainer"].state.global_step // 2, straight, resumed)
 
 
 def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_dir, tmp_path):
