@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             loader.batch_sampler.set_epoch(epoch, skip=progress.batches_done)  # reproducible order per epoch
             model.train()
             step_loss, micro_batches = 0.0, 0
-            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}")
+            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done)
             epoch_started = time.perf_counter()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}

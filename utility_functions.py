@@ -552,12 +552,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def progress_bar(iterable: Any, description: str) -> Any:
-    """tqdm that refreshes live in a terminal and every 30 s in a log file (CI, nohup)."""
+def progress_bar(iterable: Any, description: str, done: int = 0) -> Any:
+    """tqdm that refreshes live in a terminal and every 30 s in a log file (CI, nohup); `done`
+    items are already behind (an epoch resumed in the middle)."""
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30)
+    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30, initial=done)
 
 
 def gpu_utilization(device: torch.device) -> dict[str, str]:
