@@ -8,7 +8,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-slow lint clean
+.PHONY: install train quantize bench-quantization test test-slow lint clean
 
 $(VENV)/.installed: requirements.txt requirements-embedded.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ install: $(VENV)/.installed
 
 train: install  ## fine-tune the default (MiniLM on BANKING77); pass options with ARGS="--epochs 3"
 	$(BIN)/python manual_classification.py $(ARGS)
+
+# The newest best_model under outputs/ (the last `make train`), or MODEL=path/to/best_model.
+MODEL ?= $(shell ls -td outputs/*/best_model 2>/dev/null | head -1)
+
+quantize: install  ## int8 of the last trained model with INC; prints fp32 and int8 side by side
+	@test -n "$(MODEL)" || { echo "error: no outputs/*/best_model: run make train first, or pass MODEL=..."; exit 2; }
+	$(BIN)/python intel_compressor.py --model $(MODEL) $(ARGS)
+
+bench-quantization: install  ## fp32, INC modes, torch.ao and ONNX Runtime on the test split of MODEL
+	$(BIN)/python -m pip install -r requirements-bench.txt
+	$(BIN)/python benchmarks/quantization.py --model $(MODEL) $(ARGS)
 
 test: install  ## the default test suite (under 10 minutes on 2 cores)
 	$(BIN)/python -m pytest

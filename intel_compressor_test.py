@@ -1,0 +1,276 @@
+"""Edge inference: run a quantized (or fp32) classifier on a CPU.
+
+    python intel_compressor_test.py --model outputs/<run>/best_model-int8 "my card has not arrived" "top up failed"
+    python intel_compressor_test.py --model outputs/<run>/best_model-int8 --input new.csv --output preds.csv
+
+An int8 directory written by intel_compressor.py needs only torch, tokenizers and tqdm: it holds
+one ahead-of-time compiled program (model.so, int8 weights inside), tokenizer.json and
+edge_config.json (labels, task, threshold, max_length). Loading it maps a shared library; nothing
+is compiled and transformers is never imported. A best-model directory from a training script
+(fp32, Hugging Face format) is accepted too, so the two can be compared; that path needs
+transformers.
+
+Texts are batched by length (little padding). A CSV is streamed in chunks of --chunk_rows rows,
+so memory stays flat however large the file is; the output is written to a temporary file and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+EDGE_CONFIG = "edge_config.json"
+PROGRAM = "model.so"
+
+
+class EdgeError(ValueError):
+    """Bad input. The message is one line that names the directory, file, column or row."""
+
+
+@dataclass
+class EdgeClassifier:
+    """A tokenizer, a forward function (token ids, attention mask) -> logits, and the label map."""
+
+    labels: list[str]
+    multilabel: bool
+    threshold: float
+    max_length: int
+    pad_token_id: int
+    tokenizer: Tokenizer
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    kind: str  # "int8" or "fp32"
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+
+    @torch.inference_mode()
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """One row of label probabilities per text, in input order; batches hold texts of similar length."""
+        ids = self.token_ids(texts)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        probs = torch.empty(len(ids), len(self.labels))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            input_ids, mask = pad([ids[i] for i in rows], self.pad_token_id)
+            logits = self.forward(input_ids, mask).float()
+            probs[rows] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+        return probs
+
+    def predicted_labels(self, probs: torch.Tensor) -> list[list[str]]:
+        """Multi-label: every label at or above the tuned threshold; otherwise the most probable label."""
+        if self.multilabel:
+            return [[self.labels[j] for j in torch.nonzero(row >= self.threshold).flatten().tolist()] for row in probs]
+        return [[self.labels[int(i)]] for i in probs.argmax(dim=1)]
+
+
+def pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return input_ids, mask
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise EdgeError(f"{path}: cannot read ({type(error).__name__})") from None
+
+
+def load_tokenizer(directory: Path, max_length: int) -> Tokenizer:
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise EdgeError(f"{directory}: no tokenizer.json (a fast tokenizer is needed at the edge)")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # padding happens per batch, to the longest text in it
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def load_int8(directory: Path) -> EdgeClassifier:
+    config = read_json(directory / EDGE_CONFIG)
+    if config["torch_version"] != torch.__version__:
+        raise EdgeError(
+            f"{directory}: compiled for torch {config['torch_version']}, this is torch {torch.__version__}; "
+            "install that version or re-run intel_compressor.py here"
+        )
+    # The AOTInductor runner of torch.export's packaging API, pointed at the library directly:
+    # aoti_load_package would unzip a .pt2 archive to a temporary directory at every start.
+    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(directory / PROGRAM), 1)
+    return EdgeClassifier(
+        labels=config["labels"],
+        multilabel=config["task"] == "multilabel",
+        threshold=config["threshold"],
+        max_length=config["max_length"],
+        pad_token_id=config["pad_token_id"],
+        tokenizer=load_tokenizer(directory, config["max_length"]),
+        forward=lambda input_ids, mask: runner.run([input_ids, mask])[0],
+        kind="int8",
+    )
+
+
+def fp32_max_length(directory: Path, model_config: dict) -> int:
+    """The training run's max_length when known, else the model's position limit."""
+    training = directory / "training_config.json"
+    if training.is_file():
+        return int(read_json(training)["max_length"])
+    return int(model_config.get("max_position_embeddings", 512))
+
+
+def pad_token_id(directory: Path, tokenizer: Tokenizer) -> int:
+    token = read_json(directory / "tokenizer_config.json").get("pad_token") if (directory / "tokenizer_config.json").is_file() else None
+    token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    return 0 if token_id is None else token_id
+
+
+def load_fp32(directory: Path) -> EdgeClassifier:
+    from transformers import AutoModelForSequenceClassification
+
+    model_config = read_json(directory / "config.json")
+    if not model_config.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])):
+        raise EdgeError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
+    model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
+    max_length = fp32_max_length(directory, model_config)
+    tokenizer = load_tokenizer(directory, max_length)
+    return EdgeClassifier(
+        labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
+        multilabel=model.config.problem_type == "multi_label_classification",
+        threshold=float(getattr(model.config, "multilabel_threshold", 0.5)),
+        max_length=max_length,
+        pad_token_id=pad_token_id(directory, tokenizer),
+        tokenizer=tokenizer,
+        forward=lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask).logits,
+        kind="fp32",
+    )
+
+
+def load_classifier(directory: str | Path) -> EdgeClassifier:
+    """An int8 directory from intel_compressor.py, or an fp32 best-model directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EdgeError(f"--model {directory}: no such directory")
+    if (directory / EDGE_CONFIG).is_file():
+        return load_int8(directory)
+    if (directory / "config.json").is_file():
+        return load_fp32(directory)
+    raise EdgeError(f"--model {directory}: not a model directory (no {EDGE_CONFIG} or config.json)")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("texts", nargs="*", help="Texts to classify (or use --input).")
+    parser.add_argument("--model", required=True, help="int8 directory from intel_compressor.py, or an fp32 best_model directory.")
+    parser.add_argument("--input", default="", help="CSV file to classify, streamed in chunks.")
+    parser.add_argument("--text_column", default="text", help="Column of --input holding the texts (default text).")
+    parser.add_argument("--output", default="", help="CSV to write (--input only; default: <input stem>_predictions.csv).")
+    parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell (default ;).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass (default 32).")
+    parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time (default 4096).")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps torch's default (default 0).")
+    return parser
+
+
+def classify_texts(classifier: EdgeClassifier, texts: list[str], batch_size: int) -> None:
+    probs = classifier.probabilities(texts, batch_size)
+    for text, row, labels in zip(texts, probs, classifier.predicted_labels(probs)):
+        shown = ", ".join(f"{label} {row[classifier.labels.index(label)]:.3f}" for label in labels) or "(no label above threshold)"
+        print(f"{shown}\t{text}")
+
+
+def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[str], list[dict[str, str]]]]:
+    """(header, rows) chunks of a CSV; an empty file, a missing column or an empty text stops with the row number."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        if not header:
+            raise EdgeError(f"{path}: empty file (no header row)")
+        if column not in header:
+            raise EdgeError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
+        chunk: list[dict[str, str]] = []
+        for row in reader:
+            if not (row.get(column) or "").strip():
+                raise EdgeError(f"{path}: row {reader.line_num}: empty text in column {column!r}")
+            chunk.append(row)
+            if len(chunk) == chunk_rows:
+                yield list(header), chunk
+                chunk = []
+        if chunk:
+            yield list(header), chunk
+        elif reader.line_num <= 1:
+            raise EdgeError(f"{path}: no rows below the header")
+
+
+def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
+    source = Path(args.input)
+    if not source.is_file():
+        raise EdgeError(f"--input {source}: no such file")
+    target = Path(args.output) if args.output else source.with_name(f"{source.stem}_predictions.csv")
+    prob_columns = [f"prob_{label}" for label in classifier.labels]
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out, tqdm(desc="classify", unit=" rows", mininterval=1) as bar:
+            writer = None
+            for header, rows in csv_chunks(source, args.text_column, args.chunk_rows):
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=[*header, "predicted", *prob_columns])
+                    writer.writeheader()
+                probs = classifier.probabilities([row[args.text_column] for row in rows], args.batch_size)
+                for row, scores, labels in zip(rows, probs.tolist(), classifier.predicted_labels(probs)):
+                    row["predicted"] = args.label_delimiter.join(labels)
+                    row.update({column: f"{p:.6f}" for column, p in zip(prob_columns, scores)})
+                    writer.writerow(row)
+                bar.update(len(rows))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if bool(args.texts) == bool(args.input):
+        raise EdgeError("give texts to classify or --input FILE.csv (one of the two)")
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    started = time.perf_counter()
+    classifier = load_classifier(args.model)
+    print(f"loaded {classifier.kind} model from {args.model} in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    if args.input:
+        target = classify_csv(classifier, args)
+        print(f"wrote {target}", file=sys.stderr)
+    else:
+        classify_texts(classifier, args.texts, args.batch_size)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (EdgeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

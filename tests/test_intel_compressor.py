@@ -1,0 +1,222 @@
+"""Quantize a tiny BERT trained on real BANKING77 and NLU++ slices with intel_compressor.py, then
+run it through the edge script: in a fresh process without transformers, on texts and on a
+streamed CSV, against the fp32 model; and the one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import intel_compressor
+import intel_compressor_test
+import manual_classification
+import split_csv_script
+from configs import Config
+from tests.conftest import REPO, banking77_slice, shared_file, tiny_run_args
+from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
+
+REPORT_FIELDS = {
+    "mode", "fp32_layers", "inc_version", "torch_version", "source", "metric", "tolerance_points", "within_tolerance",
+    "fp32", "int8", "agreement", "size_bytes", "size_ratio", "candidates", "calibration_texts", "validation_rows",
+    "num_threads", "cpu_capability", "seconds",
+}  # fmt: skip
+SPEED_FIELDS = {"latency_batch1_p50_ms", "latency_batch1_p95_ms", "throughput_batch32_texts_per_s", "size_mb"}
+FAST_TIMING = ["--num_threads=2", "--timing_texts=64", "--latency_texts=10"]
+
+
+def train_tiny(tiny_bert_dir: Path, directory: Path, extra: list[str]) -> Path:
+    manual_classification.main([*tiny_run_args(tiny_bert_dir, directory), "--epochs=3", *extra])
+    return directory / "outputs" / "run" / "best_model"
+
+
+@pytest.fixture(scope="module")
+def banking(tiny_bert_dir, tmp_path_factory) -> dict:
+    """A tiny model trained on five BANKING77 intents, and its static int8 directory."""
+    directory = tmp_path_factory.mktemp("banking")
+    train, test = banking77_slice(directory, classes=5, train_per_class=40, test_per_class=10)
+    best = train_tiny(tiny_bert_dir, directory, [f"--train_file={train}", f"--test_file={test}"])
+    int8 = directory / "int8"
+    report = intel_compressor.main([f"--model={best}", f"--output={int8}", *FAST_TIMING])
+    return {"best": best, "int8": int8, "report": report, "test": test}
+
+
+def test_report_has_fp32_and_int8_side_by_side(banking):
+    report = banking["report"]
+    assert json.loads((banking["int8"] / "quantization_report.json").read_text()) == report
+    assert set(report) == REPORT_FIELDS
+    assert report["mode"] == "static" and report["fp32_layers"] == []
+    assert report["inc_version"].startswith("3.") and report["torch_version"] == torch.__version__
+    for side in ("fp32", "int8"):
+        assert SPEED_FIELDS | {"accuracy", "macro_f1"} <= set(report[side])
+        assert report[side]["latency_batch1_p95_ms"] >= report[side]["latency_batch1_p50_ms"] > 0
+    assert report["validation_rows"] == 20 and report["calibration_texts"] == 180  # valid_size 0.1 of 200 rows
+    # int8 weights: the 30522 x 64 embedding table alone is 7.5 MiB in fp32 and 1.9 MiB in int8 (the
+    # compiled code adds about 2 MiB, which a model this tiny cannot amortise; MiniLM's is 29%)
+    assert report["size_bytes"]["int8"] < 0.6 * report["size_bytes"]["fp32"]
+    assert sorted(p.name for p in banking["int8"].iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
+    assert report["agreement"] >= 0.8
+
+
+def test_int8_runs_in_a_fresh_process_without_transformers(banking):
+    texts = pd.read_csv(banking["test"])["text"].tolist()
+    script = (
+        "import json, sys; import intel_compressor_test as edge\n"
+        f"model = edge.load_classifier({str(banking['int8'])!r})\n"
+        f"probs = model.probabilities({texts!r}, batch_size=4)\n"
+        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'transformers', 'pandas', 'neural_compressor'} & set(sys.modules))}))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    out = json.loads(result.stdout)
+    assert out["heavy"] == []
+    int8_probs = np.array(out["probs"])
+    fp32_probs = intel_compressor_test.load_classifier(banking["best"]).probabilities(texts).numpy()
+    np.testing.assert_allclose(int8_probs.sum(axis=1), 1, atol=1e-4)
+    agreement = (int8_probs.argmax(axis=1) == fp32_probs.argmax(axis=1)).mean()
+    assert agreement >= 0.8
+    assert np.abs(int8_probs - fp32_probs).max() < 0.3
+
+
+def test_fp32_directory_matches_the_training_code(banking):
+    """The edge script's own tokenisation (tokenizers only) gives the logits the training code gives."""
+    data, _ = load_split(str(banking["test"]), Config())
+    tokenizer = load_tokenizer(str(banking["best"]))
+    model = AutoModelForSequenceClassification.from_pretrained(banking["best"]).eval()
+    logits = predict_logits(model, encode(tokenizer, data, 64), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
+    edge = intel_compressor_test.load_classifier(banking["best"])
+    assert edge.kind == "fp32" and edge.max_length == 64
+    np.testing.assert_allclose(edge.probabilities(data.texts, 8).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-5)
+
+
+def test_command_line_prints_label_and_probability_per_text(banking):
+    texts = ["I still have not received my new card", "How do I activate my card?"]
+    result = subprocess.run(
+        [sys.executable, "intel_compressor_test.py", f"--model={banking['int8']}", *texts], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.strip().splitlines()
+    labels = json.loads((banking["int8"] / "edge_config.json").read_text())["labels"]
+    assert [line.split("\t")[1] for line in lines] == texts
+    for line in lines:
+        label, probability = line.split("\t")[0].rsplit(" ", 1)
+        assert label in labels and 1 / len(labels) < float(probability) <= 1
+    assert "loaded int8 model" in result.stderr
+
+
+def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking, tmp_path):
+    frame = pd.read_csv(banking["test"]).assign(id=lambda f: range(len(f)))
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    frame.to_csv(source, index=False)
+    intel_compressor_test.main([f"--model={banking['int8']}", f"--input={source}", f"--output={target}", "--chunk_rows=7", "--batch_size=3"])
+    out = pd.read_csv(target)
+    model = intel_compressor_test.load_classifier(banking["int8"])
+    prob_columns = [f"prob_{label}" for label in model.labels]
+    assert list(out.columns) == [*frame.columns, "predicted", *prob_columns]
+    assert out["text"].tolist() == frame["text"].tolist() and out["id"].tolist() == frame["id"].tolist()
+    whole = model.probabilities(frame["text"].tolist(), batch_size=32).numpy()
+    np.testing.assert_allclose(out[prob_columns].to_numpy(), whole, atol=2e-5)  # chunking and batching change nothing
+    assert (np.array(model.labels)[whole.argmax(axis=1)] == out["predicted"]).all()
+
+
+def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking, tmp_path):
+    tolerance = 2.0  # points; 20 validation rows move macro-F1 in steps of several points
+    report = intel_compressor.main([f"--model={banking['best']}", f"--output={tmp_path / 'auto'}", "--mode=auto", f"--tolerance={tolerance}", *FAST_TIMING])
+    candidates = report["candidates"]
+    assert {"static", "dynamic", "weight-only"} <= set(candidates)
+    fp32 = report["fp32"]["macro_f1"]
+    chosen = candidates[report["mode"] + (" (fp32 head)" if report["fp32_layers"] else "")]
+    assert {k: chosen[k] for k in report["int8"]} == report["int8"] and report["within_tolerance"]
+    assert fp32 - chosen["macro_f1"] <= tolerance / 100 + 1e-9
+    for name, figures in candidates.items():
+        if figures["throughput_batch32_texts_per_s"] > chosen["throughput_batch32_texts_per_s"]:
+            assert fp32 - figures["macro_f1"] > tolerance / 100, f"{name} is faster and within the tolerance"
+    assert intel_compressor_test.load_classifier(tmp_path / "auto").probabilities(["my card is lost"]).shape == (1, 5)
+
+
+def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(tiny_bert_dir, tmp_path):
+    train, test = split_csv_script.main([str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={tmp_path}"])
+    best = train_tiny(tiny_bert_dir, tmp_path, [f"--train_file={train}", f"--test_file={test}", "--label_column=labels", "--reduce_ratio=0.3"])
+    int8 = tmp_path / "int8"
+    report = intel_compressor.main([f"--model={best}", f"--output={int8}", "--mode=weight-only", "--calibration_size=64", *FAST_TIMING])
+    assert report["mode"] == "weight-only" and "micro_f1" in report["int8"]
+    model = intel_compressor_test.load_classifier(int8)
+    assert model.multilabel and model.threshold == json.loads((best / "config.json").read_text())["multilabel_threshold"]
+    target = tmp_path / "preds.csv"
+    intel_compressor_test.main([f"--model={int8}", f"--input={test}", f"--output={target}"])
+    out = pd.read_csv(target, keep_default_na=False)
+    probs = out[[f"prob_{label}" for label in model.labels]].to_numpy()
+    above = [";".join(np.array(model.labels)[row >= model.threshold]) for row in probs]
+    assert out["predicted"].tolist() == above
+    fp32 = intel_compressor_test.load_classifier(best).probabilities(out["text"].tolist()).numpy()
+    assert np.abs(probs - fp32).max() < 0.05  # int8 weights, fp32 activations: close to fp32
+
+
+def test_int8_embedding_and_linear_match_their_fp32_layers():
+    torch.manual_seed(0)
+    weight = torch.randn(1000, 64)
+    embedding = intel_compressor.Int8Embedding(weight)
+    ids = torch.randint(0, 1000, (4, 9))
+    error = (embedding(ids) - weight[ids]).abs()
+    assert embedding.qweight.dtype == torch.int8
+    assert (error <= embedding.scale[ids].unsqueeze(-1) / 2 + 1e-6).all()  # at most half a quantization step
+    linear = torch.nn.Linear(64, 32)
+    scales = linear.weight.abs().amax(dim=1) / 127
+    q = intel_compressor.Int8WeightOnlyLinear(torch.round(linear.weight / scales[:, None]), scales, linear.bias)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        dequantized = torch.nn.functional.linear(x, q.qweight.float() * scales[:, None], linear.bias)
+        torch.testing.assert_close(q(x), dequantized, atol=1e-4, rtol=1e-4)
+
+
+def one_line_error(capsys, monkeypatch, main, argv: list[str]) -> str:
+    monkeypatch.setattr(sys, "argv", ["script", *argv])
+    assert run_cli(main) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def write_config(directory: Path, config: dict) -> Path:
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_compressor_rejects_bad_model_directories(banking, tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "nowhere"
+    assert str(missing) in one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={missing}"])
+    encoder = write_config(tmp_path / "encoder", {"model_type": "bert", "architectures": ["BertModel"]})
+    assert "not a sequence classifier" in one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={encoder}"])
+    gpt2 = write_config(tmp_path / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "a", "1": "b"}})
+    message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={gpt2}"])
+    assert "'gpt2' is not supported" in message and str(gpt2) in message
+    other_data = banking77_slice(tmp_path, classes=3, train_per_class=5, test_per_class=1)[0]
+    message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={banking['best']}", f"--train_file={other_data}"])
+    assert "labels differ" in message
+
+
+@pytest.mark.parametrize("content", ["", "text,id\n"], ids=["zero-bytes", "header-only"])
+def test_edge_script_rejects_an_empty_csv_in_one_line(banking, tmp_path, content):
+    source = tmp_path / "empty.csv"
+    source.write_text(content)
+    result = subprocess.run(
+        [sys.executable, "intel_compressor_test.py", f"--model={banking['int8']}", f"--input={source}"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and str(source) in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    assert not (tmp_path / "empty_predictions.csv").exists()
+
+
+def test_edge_script_names_missing_directory_and_column(banking, tmp_path):
+    with pytest.raises(intel_compressor_test.EdgeError, match="no such directory"):
+        intel_compressor_test.load_classifier(tmp_path / "nowhere")
+    source = tmp_path / "in.csv"
+    source.write_text("sentence\nhello\n")
+    with pytest.raises(intel_compressor_test.EdgeError, match=r"in.csv: no column 'text' \(columns: sentence\)"):
+        intel_compressor_test.main([f"--model={banking['int8']}", f"--input={source}"])
