@@ -63,8 +63,9 @@ from utility_functions import (
 )
 
 MODES = ("static", "dynamic", "weight-only")
-# Architectures whose export, int8 compile and accuracy were checked (BERT covers MiniLM).
-SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta")
+# Architectures whose export, int8 compile and accuracy were checked (BERT covers MiniLM and the
+# BERT-base family); others may work but are refused until checked.
+SUPPORTED_MODEL_TYPES = ("bert",)
 MAX_BATCH = 1024  # largest batch the compiled program accepts
 
 

@@ -79,6 +79,8 @@ def onnxruntime_dynamic(source: Path, fp32: EdgeClassifier, scratch: Path, threa
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    # ORT's idle threads busy-wait by default, which would steal the cores from the variants timed after it
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
 
     def forward(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
