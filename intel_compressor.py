@@ -363,11 +363,15 @@ def within_tolerance(variant: Variant, fp32_value: float, metric: str, tolerance
     return fp32_value - variant.metrics[metric] <= tolerance / 100 + 1e-9
 
 
+def throughput_key(figures: dict[str, float]) -> str:
+    """The throughput entry of measure_speed's figures (its name carries the batch size)."""
+    return next(k for k in figures if k.startswith("throughput"))
+
+
 def choose(variants: list[Variant], speed: dict[str, dict[str, float]], fp32_value: float, metric: str, tolerance: float) -> Variant | None:
     """The fastest variant (batch-32 throughput) within the tolerance, or None."""
     passing = [v for v in variants if within_tolerance(v, fp32_value, metric, tolerance)]
-    throughput = next(k for k in next(iter(speed.values())) if k.startswith("throughput"))
-    return max(passing, key=lambda v: speed[v.name][throughput], default=None)
+    return max(passing, key=lambda v: speed[v.name][throughput_key(speed[v.name])], default=None)
 
 
 def directory_size(directory: Path) -> int:
@@ -376,7 +380,7 @@ def directory_size(directory: Path) -> int:
 
 def comparison_table(rows: dict[str, dict[str, float]], metric: str) -> str:
     """Markdown table, one row per model."""
-    columns = ["accuracy", metric, "latency_batch1_p50_ms", "latency_batch1_p95_ms", next(k for k in next(iter(rows.values())) if k.startswith("throughput")), "size_mb"]
+    columns = ["accuracy", metric, "latency_batch1_p50_ms", "latency_batch1_p95_ms", throughput_key(next(iter(rows.values()))), "size_mb"]
     columns = list(dict.fromkeys(columns))
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
