@@ -8,7 +8,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train quantize bench-quantization test test-slow lint clean
+.PHONY: install train quantize bench-quantization notebooks test test-slow lint clean
 
 $(VENV)/.installed: requirements.txt requirements-embedded.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ quantize: install  ## int8 of the last trained model with INC; prints fp32 and i
 bench-quantization: install  ## fp32, INC modes, torch.ao and ONNX Runtime on the test split of MODEL
 	$(BIN)/python -m pip install -r requirements-bench.txt
 	$(BIN)/python benchmarks/quantization.py --model $(MODEL) $(ARGS)
+
+notebooks: install  ## open the analysis notebooks in JupyterLab (they read the runs under outputs/)
+	$(BIN)/jupyter lab notebooks/
 
 test: install  ## the default test suite (under 10 minutes on 2 cores)
 	$(BIN)/python -m pytest

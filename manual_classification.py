@@ -52,6 +52,7 @@ from utility_functions import (
     train_loader,
     trainable_parameter_names,
     write_json,
+    write_run_metrics,
 )
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model.config.multilabel_threshold = metrics["threshold"]  # reused on test and at inference
             extra = {"metrics.json": progress.best, "training_config.json": dataclasses.asdict(config)}
             save_model_directory(model, run.tokenizer, best_dir, extra)
-        write_json(run.run_dir / "metrics.json", {"metric_for_best_model": metric, "best": progress.best, "history": progress.history})
+        write_run_metrics(run, "manual_classification.py", progress.best, progress.history)
         model.train()
 
     started, step_seconds = time.time(), 0.0  # step_seconds: training steps only, for benchmarks

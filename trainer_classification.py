@@ -42,6 +42,7 @@ from utility_functions import (
     trainable_parameter_names,
     tune_threshold,
     write_json,
+    write_run_metrics,
 )
 
 TRAINER_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch")
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     metric = config.metric_for_best_model
     best_dir = run.run_dir / "best_model"
     save_model_directory(trainer.model, run.tokenizer, best_dir, {"metrics.json": best, "training_config.json": dataclasses.asdict(config)})
-    write_json(run.run_dir / "metrics.json", {"metric_for_best_model": metric, "best": best, "history": history})
+    write_run_metrics(run, "trainer_classification.py", best, history)
     print(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
 
     loss_fn = build_loss(run.space, run.train_data.targets, config)

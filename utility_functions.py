@@ -956,6 +956,13 @@ def describe_data(run: PreparedRun) -> str:
     )
 
 
+def write_run_metrics(run: PreparedRun, script: str, best: dict[str, float] | None, history: list[dict[str, float]]) -> None:
+    """metrics.json: the script that trained the run, the metric that picked the best model, the
+    best validation entry and every validation entry so far (the notebooks read it)."""
+    content = {"trained_with": script, "metric_for_best_model": run.config.metric_for_best_model, "best": best, "history": history}
+    write_json(run.run_dir / "metrics.json", content)
+
+
 def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLoss) -> dict[str, float] | None:
     """Reload the best checkpoint from disk, evaluate it on the test split, write
     test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file)."""

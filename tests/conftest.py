@@ -86,3 +86,38 @@ def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> lis
         "--freeze_epochs=1",
         "--num_threads=2",
     ]
+
+
+FAST_TIMING = ["--num_threads=2", "--timing_texts=64", "--latency_texts=10"]  # intel_compressor.py: short speed checks
+
+
+@pytest.fixture(scope="session")
+def banking_runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model trained on five BANKING77 intents by both training scripts (runs "manual" and
+    "trainer", TensorBoard logs under runs/), and the manual run's static int8 model in its default
+    place, best_model-int8/. Shared by the quantization and the notebook tests."""
+    import intel_compressor
+    import manual_classification
+    import trainer_classification
+
+    directory = tmp_path_factory.mktemp("banking")
+    train, test = banking77_slice(directory, classes=5, train_per_class=40, test_per_class=10)
+    data = [f"--train_file={train}", f"--test_file={test}", "--epochs=3"]
+    manual_classification.main([*tiny_run_args(tiny_bert_dir, directory, "manual"), *data])
+    trainer_classification.main([*tiny_run_args(tiny_bert_dir, directory, "trainer"), *data])
+    best = directory / "outputs" / "manual" / "best_model"
+    report = intel_compressor.main([f"--model={best}", *FAST_TIMING])
+    return {"directory": directory, "best": best, "int8": best.with_name("best_model-int8"), "report": report, "train": train, "test": test}
+
+
+@pytest.fixture(scope="session")
+def nlupp_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model trained by the manual loop on 30% of the real NLU++ banking split (multi-label)."""
+    import manual_classification
+    import split_csv_script
+
+    directory = tmp_path_factory.mktemp("nlupp")
+    train, test = split_csv_script.main([str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={directory}"])
+    data = [f"--train_file={train}", "--validation_file=", f"--test_file={test}", "--label_column=labels", "--reduce_ratio=0.3", "--epochs=3"]
+    manual_classification.main([*tiny_run_args(tiny_bert_dir, directory, "manual"), *data])
+    return {"directory": directory, "best": directory / "outputs" / "manual" / "best_model", "train": train, "test": test, "data_args": data}

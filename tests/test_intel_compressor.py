@@ -15,10 +15,8 @@ from transformers import AutoModelForSequenceClassification
 
 import intel_compressor
 import intel_compressor_test
-import manual_classification
-import split_csv_script
 from configs import Config
-from tests.conftest import REPO, banking77_slice, shared_file, tiny_run_args
+from tests.conftest import FAST_TIMING, REPO, banking77_slice
 from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
 
 REPORT_FIELDS = {
@@ -27,28 +25,11 @@ REPORT_FIELDS = {
     "num_threads", "cpu_capability", "seconds",
 }  # fmt: skip
 SPEED_FIELDS = {"latency_batch1_p50_ms", "latency_batch1_p95_ms", "throughput_batch32_texts_per_s", "size_mb"}
-FAST_TIMING = ["--num_threads=2", "--timing_texts=64", "--latency_texts=10"]
 
 
-def train_tiny(tiny_bert_dir: Path, directory: Path, extra: list[str]) -> Path:
-    manual_classification.main([*tiny_run_args(tiny_bert_dir, directory), "--epochs=3", *extra])
-    return directory / "outputs" / "run" / "best_model"
-
-
-@pytest.fixture(scope="module")
-def banking(tiny_bert_dir, tmp_path_factory) -> dict:
-    """A tiny model trained on five BANKING77 intents, and its static int8 directory."""
-    directory = tmp_path_factory.mktemp("banking")
-    train, test = banking77_slice(directory, classes=5, train_per_class=40, test_per_class=10)
-    best = train_tiny(tiny_bert_dir, directory, [f"--train_file={train}", f"--test_file={test}"])
-    int8 = directory / "int8"
-    report = intel_compressor.main([f"--model={best}", f"--output={int8}", *FAST_TIMING])
-    return {"best": best, "int8": int8, "report": report, "test": test}
-
-
-def test_report_has_fp32_and_int8_side_by_side(banking):
-    report = banking["report"]
-    assert json.loads((banking["int8"] / "quantization_report.json").read_text()) == report
+def test_report_has_fp32_and_int8_side_by_side(banking_runs):
+    report = banking_runs["report"]
+    assert json.loads((banking_runs["int8"] / "quantization_report.json").read_text()) == report
     assert set(report) == REPORT_FIELDS
     assert report["mode"] == "static" and report["fp32_layers"] == []
     assert report["inc_version"].startswith("3.") and report["torch_version"] == torch.__version__
@@ -59,15 +40,15 @@ def test_report_has_fp32_and_int8_side_by_side(banking):
     # int8 weights: the 30522 x 64 embedding table alone is 7.5 MiB in fp32 and 1.9 MiB in int8 (the
     # compiled code adds about 2 MiB, which a model this tiny cannot amortise; MiniLM's is 29%)
     assert report["size_bytes"]["int8"] < 0.6 * report["size_bytes"]["fp32"]
-    assert sorted(p.name for p in banking["int8"].iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
+    assert sorted(p.name for p in banking_runs["int8"].iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
     assert report["agreement"] >= 0.8
 
 
-def test_int8_runs_in_a_fresh_process_without_transformers(banking):
-    texts = pd.read_csv(banking["test"])["text"].tolist()
+def test_int8_runs_in_a_fresh_process_without_transformers(banking_runs):
+    texts = pd.read_csv(banking_runs["test"])["text"].tolist()
     script = (
         "import json, sys; import intel_compressor_test as edge\n"
-        f"model = edge.load_classifier({str(banking['int8'])!r})\n"
+        f"model = edge.load_classifier({str(banking_runs['int8'])!r})\n"
         f"probs = model.probabilities({texts!r}, batch_size=4)\n"
         "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'transformers', 'pandas', 'neural_compressor'} & set(sys.modules))}))"
     )
@@ -75,31 +56,31 @@ def test_int8_runs_in_a_fresh_process_without_transformers(banking):
     out = json.loads(result.stdout)
     assert out["heavy"] == []
     int8_probs = np.array(out["probs"])
-    fp32_probs = intel_compressor_test.load_classifier(banking["best"]).probabilities(texts).numpy()
+    fp32_probs = intel_compressor_test.load_classifier(banking_runs["best"]).probabilities(texts).numpy()
     np.testing.assert_allclose(int8_probs.sum(axis=1), 1, atol=1e-4)
     agreement = (int8_probs.argmax(axis=1) == fp32_probs.argmax(axis=1)).mean()
     assert agreement >= 0.8
     assert np.abs(int8_probs - fp32_probs).max() < 0.3
 
 
-def test_fp32_directory_matches_the_training_code(banking):
+def test_fp32_directory_matches_the_training_code(banking_runs):
     """The edge script's own tokenisation (tokenizers only) gives the logits the training code gives."""
-    data, _ = load_split(str(banking["test"]), Config())
-    tokenizer = load_tokenizer(str(banking["best"]))
-    model = AutoModelForSequenceClassification.from_pretrained(banking["best"]).eval()
+    data, _ = load_split(str(banking_runs["test"]), Config())
+    tokenizer = load_tokenizer(str(banking_runs["best"]))
+    model = AutoModelForSequenceClassification.from_pretrained(banking_runs["best"]).eval()
     logits = predict_logits(model, encode(tokenizer, data, 64), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
-    edge = intel_compressor_test.load_classifier(banking["best"])
+    edge = intel_compressor_test.load_classifier(banking_runs["best"])
     assert edge.kind == "fp32" and edge.max_length == 64
     np.testing.assert_allclose(edge.probabilities(data.texts, 8).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-5)
 
 
-def test_command_line_prints_label_and_probability_per_text(banking):
+def test_command_line_prints_label_and_probability_per_text(banking_runs):
     texts = ["I still have not received my new card", "How do I activate my card?"]
     result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking['int8']}", *texts], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts], cwd=REPO, capture_output=True, text=True, check=True
     )
     lines = result.stdout.strip().splitlines()
-    labels = json.loads((banking["int8"] / "edge_config.json").read_text())["labels"]
+    labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
     assert [line.split("\t")[1] for line in lines] == texts
     for line in lines:
         label, probability = line.split("\t")[0].rsplit(" ", 1)
@@ -107,13 +88,13 @@ def test_command_line_prints_label_and_probability_per_text(banking):
     assert "loaded int8 model" in result.stderr
 
 
-def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking, tmp_path):
-    frame = pd.read_csv(banking["test"]).assign(id=lambda f: range(len(f)))
+def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking_runs, tmp_path):
+    frame = pd.read_csv(banking_runs["test"]).assign(id=lambda f: range(len(f)))
     source, target = tmp_path / "in.csv", tmp_path / "out.csv"
     frame.to_csv(source, index=False)
-    intel_compressor_test.main([f"--model={banking['int8']}", f"--input={source}", f"--output={target}", "--chunk_rows=7", "--batch_size=3"])
+    intel_compressor_test.main([f"--model={banking_runs['int8']}", f"--input={source}", f"--output={target}", "--chunk_rows=7", "--batch_size=3"])
     out = pd.read_csv(target)
-    model = intel_compressor_test.load_classifier(banking["int8"])
+    model = intel_compressor_test.load_classifier(banking_runs["int8"])
     prob_columns = [f"prob_{label}" for label in model.labels]
     assert list(out.columns) == [*frame.columns, "predicted", *prob_columns]
     assert out["text"].tolist() == frame["text"].tolist() and out["id"].tolist() == frame["id"].tolist()
@@ -122,9 +103,9 @@ def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking
     assert (np.array(model.labels)[whole.argmax(axis=1)] == out["predicted"]).all()
 
 
-def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking, tmp_path):
+def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking_runs, tmp_path):
     tolerance = 2.0  # points; 20 validation rows move macro-F1 in steps of several points
-    report = intel_compressor.main([f"--model={banking['best']}", f"--output={tmp_path / 'auto'}", "--mode=auto", f"--tolerance={tolerance}", *FAST_TIMING])
+    report = intel_compressor.main([f"--model={banking_runs['best']}", f"--output={tmp_path / 'auto'}", "--mode=auto", f"--tolerance={tolerance}", *FAST_TIMING])
     candidates = report["candidates"]
     assert {"static", "dynamic", "weight-only"} <= set(candidates)
     fp32 = report["fp32"]["macro_f1"]
@@ -137,9 +118,8 @@ def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking, tmp_path):
     assert intel_compressor_test.load_classifier(tmp_path / "auto").probabilities(["my card is lost"]).shape == (1, 5)
 
 
-def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(tiny_bert_dir, tmp_path):
-    train, test = split_csv_script.main([str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={tmp_path}"])
-    best = train_tiny(tiny_bert_dir, tmp_path, [f"--train_file={train}", f"--test_file={test}", "--label_column=labels", "--reduce_ratio=0.3"])
+def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_run, tmp_path):
+    best, test = nlupp_run["best"], nlupp_run["test"]
     int8 = tmp_path / "int8"
     report = intel_compressor.main([f"--model={best}", f"--output={int8}", "--mode=weight-only", "--calibration_size=64", *FAST_TIMING])
     assert report["mode"] == "weight-only" and "micro_f1" in report["int8"]
@@ -186,7 +166,7 @@ def write_config(directory: Path, config: dict) -> Path:
     return directory
 
 
-def test_compressor_rejects_bad_model_directories(banking, tmp_path, capsys, monkeypatch):
+def test_compressor_rejects_bad_model_directories(banking_runs, tmp_path, capsys, monkeypatch):
     missing = tmp_path / "nowhere"
     assert str(missing) in one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={missing}"])
     encoder = write_config(tmp_path / "encoder", {"model_type": "bert", "architectures": ["BertModel"]})
@@ -195,16 +175,16 @@ def test_compressor_rejects_bad_model_directories(banking, tmp_path, capsys, mon
     message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={gpt2}"])
     assert "'gpt2' is not supported" in message and str(gpt2) in message
     other_data = banking77_slice(tmp_path, classes=3, train_per_class=5, test_per_class=1)[0]
-    message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={banking['best']}", f"--train_file={other_data}"])
+    message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={banking_runs['best']}", f"--train_file={other_data}"])
     assert "labels differ" in message
 
 
 @pytest.mark.parametrize("content", ["", "text,id\n"], ids=["zero-bytes", "header-only"])
-def test_edge_script_rejects_an_empty_csv_in_one_line(banking, tmp_path, content):
+def test_edge_script_rejects_an_empty_csv_in_one_line(banking_runs, tmp_path, content):
     source = tmp_path / "empty.csv"
     source.write_text(content)
     result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking['int8']}", f"--input={source}"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", f"--input={source}"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -213,10 +193,10 @@ def test_edge_script_rejects_an_empty_csv_in_one_line(banking, tmp_path, content
     assert not (tmp_path / "empty_predictions.csv").exists()
 
 
-def test_edge_script_names_missing_directory_and_column(banking, tmp_path):
+def test_edge_script_names_missing_directory_and_column(banking_runs, tmp_path):
     with pytest.raises(intel_compressor_test.EdgeError, match="no such directory"):
         intel_compressor_test.load_classifier(tmp_path / "nowhere")
     source = tmp_path / "in.csv"
     source.write_text("sentence\nhello\n")
     with pytest.raises(intel_compressor_test.EdgeError, match=r"in.csv: no column 'text' \(columns: sentence\)"):
-        intel_compressor_test.main([f"--model={banking['int8']}", f"--input={source}"])
+        intel_compressor_test.main([f"--model={banking_runs['int8']}", f"--input={source}"])
