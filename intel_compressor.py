@@ -286,11 +286,16 @@ class Variant:
         return self.mode + (" (fp32 head)" if self.fp32_layers else "")
 
 
+def torch_batch(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids, mask = pad(rows, pad_token_id)
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
+
+
 def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: list[str], staging_root: Path, fp32_layers: list[str] | None = None) -> Variant:
     """Quantize, compile and write one int8 directory (not yet the final output)."""
     started = time.perf_counter()
     module = with_int8_embedding(load_hf_model(source))
-    batches = [pad(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
+    batches = [torch_batch(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
     fp32_layers = head_layer_names(module) if fp32_layers is None else fp32_layers
     if mode == "weight-only":
         quantized = quantize_weight_only(module)
@@ -307,7 +312,7 @@ def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: li
         "threshold": fp32.threshold,
         "max_length": fp32.max_length,
         "pad_token_id": fp32.pad_token_id,
-        "torch_version": torch.__version__,
+        "torch_version": version("torch"),  # the edge compares it with its installed wheel, without importing torch
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "source": str(source),
     })
@@ -320,7 +325,7 @@ def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: li
 
 
 def validation_metrics(classifier: EdgeClassifier, data: LabeledData, task: str, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
-    probs = classifier.probabilities(data.texts, batch_size).numpy()
+    probs = classifier.probabilities(data.texts, batch_size)
     return compute_metrics(task, probs, data.targets, classifier.threshold), probs
 
 

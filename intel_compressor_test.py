@@ -3,12 +3,13 @@
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 "my card has not arrived" "top up failed"
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 --input new.csv --output preds.csv
 
-An int8 directory written by intel_compressor.py needs only torch, tokenizers and tqdm: it holds
-one ahead-of-time compiled program (model.so, int8 weights inside), tokenizer.json and
-edge_config.json (labels, task, threshold, max_length). Loading it maps a shared library; nothing
-is compiled and transformers is never imported. A best-model directory from a training script
-(fp32, Hugging Face format) is accepted too, so the two can be compared; that path needs
-transformers.
+An int8 directory written by intel_compressor.py holds one ahead-of-time compiled program (model.so,
+int8 weights inside), tokenizer.json and edge_config.json (labels, task, threshold, max_length).
+It runs with numpy, tokenizers, tqdm and the C++ library of the torch wheel (libtorch_cpu.so), which
+model.so calls into: the program is loaded and run through AOTInductor's C interface with ctypes, so
+the torch Python package is never imported (its import alone takes 2 s on a small CPU) and nothing
+is compiled. A best-model directory from a training script (fp32, Hugging Face format) is accepted
+too, so the two can be compared; that path imports torch and transformers.
 
 Texts are batched by length (little padding). A CSV is streamed in chunks of --chunk_rows rows,
 so memory stays flat however large the file is; the output is written to a temporary file and
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import importlib.util
 import json
 import os
 import sys
@@ -26,9 +29,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-import torch
+import numpy as np
 from tokenizers import Tokenizer
 
 EDGE_CONFIG = "edge_config.json"
@@ -49,40 +53,132 @@ class EdgeClassifier:
     max_length: int
     pad_token_id: int
     tokenizer: Tokenizer
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    forward: Callable[[np.ndarray, np.ndarray], np.ndarray]
     kind: str  # "int8" or "fp32"
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
 
-    @torch.inference_mode()
-    def probabilities(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """One row of label probabilities per text, in input order; batches hold texts of similar length."""
         ids = self.token_ids(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        probs = torch.empty(len(ids), len(self.labels))
+        probs = np.empty((len(ids), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            input_ids, mask = pad([ids[i] for i in rows], self.pad_token_id)
-            logits = self.forward(input_ids, mask).float()
-            probs[rows] = torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=-1)
+            logits = self.forward(*pad([ids[i] for i in rows], self.pad_token_id)).astype(np.float64)
+            probs[rows] = sigmoid(logits) if self.multilabel else softmax(logits)
         return probs
 
-    def predicted_labels(self, probs: torch.Tensor) -> list[list[str]]:
+    def predicted_labels(self, probs: np.ndarray) -> list[list[str]]:
         """Multi-label: every label at or above the tuned threshold; otherwise the most probable label."""
         if self.multilabel:
-            return [[self.labels[j] for j in torch.nonzero(row >= self.threshold).flatten().tolist()] for row in probs]
-        return [[self.labels[int(i)]] for i in probs.argmax(dim=1)]
+            return [[self.labels[j] for j in np.flatnonzero(row >= self.threshold)] for row in probs]
+        return [[self.labels[int(i)]] for i in probs.argmax(axis=1)]
 
 
-def pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1 + np.tanh(0.5 * logits))  # the same function, without overflow for large |logits|
+
+
+def pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
     width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
+        input_ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
     return input_ids, mask
+
+
+# ---------------------------------------------------------------------------------------
+# The compiled int8 program, without the torch Python package
+# ---------------------------------------------------------------------------------------
+
+
+def load_libtorch() -> ctypes.CDLL:
+    """libtorch_cpu.so from the installed torch wheel, found without importing torch. Loaded with
+    RTLD_GLOBAL because model.so calls its C shim (aoti_torch_*) and its int8 kernels."""
+    spec = importlib.util.find_spec("torch")
+    library = Path(spec.submodule_search_locations[0]) / "lib" / "libtorch_cpu.so" if spec and spec.submodule_search_locations else None
+    if library is None or not library.is_file():
+        raise EdgeError("the torch wheel is not installed: model.so runs on its libtorch_cpu.so (pip install -r requirements-edge.txt)")
+    libtorch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    handle, pointer = ctypes.c_void_p, ctypes.POINTER
+    signatures = {
+        "aoti_torch_create_tensor_from_blob": [ctypes.c_void_p, ctypes.c_int64, pointer(ctypes.c_int64), pointer(ctypes.c_int64), ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, pointer(handle)],
+        "aoti_torch_get_data_ptr": [handle, pointer(ctypes.c_void_p)],
+        "aoti_torch_get_dim": [handle, pointer(ctypes.c_int64)],
+        "aoti_torch_get_sizes": [handle, pointer(pointer(ctypes.c_int64))],
+        "aoti_torch_get_strides": [handle, pointer(pointer(ctypes.c_int64))],
+        "aoti_torch_get_dtype": [handle, pointer(ctypes.c_int32)],
+        "aoti_torch_delete_tensor_object": [handle],
+    }  # fmt: skip
+    for name, argtypes in signatures.items():
+        getattr(libtorch, name).argtypes = argtypes
+        getattr(libtorch, name).restype = ctypes.c_int32
+    return libtorch
+
+
+class CompiledProgram:
+    """model.so called through AOTInductor's C interface (torch/csrc/inductor/aoti_runtime/interface.h)
+    and libtorch's C shim (torch/csrc/inductor/aoti_torch/c/shim.h): (input_ids, attention_mask) as
+    int64 arrays in, float32 logits out. The inputs are wrapped, not copied."""
+
+    def __init__(self, path: Path):
+        self.libtorch = load_libtorch()
+        self.program = ctypes.CDLL(str(path))
+        self.program.AOTInductorModelContainerRun.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        self.int64, self.float32 = self.libtorch.aoti_torch_dtype_int64(), self.libtorch.aoti_torch_dtype_float32()
+        self.cpu = self.libtorch.aoti_torch_device_type_cpu()
+        self.container = ctypes.c_void_p()
+        self.check(self.program.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self.container), ctypes.c_size_t(1), b"cpu", None), path)
+
+    def check(self, status: int, context: object) -> None:
+        if status != 0:
+            message = ctypes.c_char_p()
+            self.program.AOTInductorGetLastError(ctypes.byref(message))
+            raise RuntimeError(f"{context}: AOTInductor error {status}: {(message.value or b'').decode(errors='replace')}")
+
+    def tensor(self, array: np.ndarray) -> ctypes.c_void_p:
+        """A tensor handle over a C-contiguous int64 array (which must outlive the call)."""
+        sizes = (ctypes.c_int64 * array.ndim)(*array.shape)
+        strides = (ctypes.c_int64 * array.ndim)(*(stride // array.itemsize for stride in array.strides))
+        handle = ctypes.c_void_p()
+        data = array.ctypes.data_as(ctypes.c_void_p)
+        self.check(self.libtorch.aoti_torch_create_tensor_from_blob(data, array.ndim, sizes, strides, 0, self.int64, self.cpu, 0, ctypes.byref(handle)), "input")
+        return handle
+
+    def to_numpy(self, handle: ctypes.c_void_p) -> np.ndarray:
+        """A copy of a float32 output tensor, whatever its strides."""
+        dim, dtype, data = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_void_p()
+        sizes, strides = ctypes.POINTER(ctypes.c_int64)(), ctypes.POINTER(ctypes.c_int64)()
+        for call, out in [("aoti_torch_get_dim", dim), ("aoti_torch_get_dtype", dtype), ("aoti_torch_get_data_ptr", data), ("aoti_torch_get_sizes", sizes), ("aoti_torch_get_strides", strides)]:
+            self.check(getattr(self.libtorch, call)(handle, ctypes.byref(out)), "output")
+        if dtype.value != self.float32:
+            raise RuntimeError(f"model.so returned dtype code {dtype.value}, expected float32 logits")
+        shape, steps = tuple(sizes[:dim.value]), tuple(4 * s for s in strides[:dim.value])
+        first = np.ctypeslib.as_array(ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), shape=(1,))
+        return np.lib.stride_tricks.as_strided(first, shape=shape, strides=steps).copy()
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        inputs = (ctypes.c_void_p * 2)(self.tensor(input_ids), self.tensor(attention_mask))  # the run takes ownership
+        outputs = (ctypes.c_void_p * 1)()
+        self.check(self.program.AOTInductorModelContainerRun(self.container, inputs, 2, outputs, 1, None, None), f"batch of shape {input_ids.shape}")
+        output = ctypes.c_void_p(outputs[0])
+        try:
+            return self.to_numpy(output)
+        finally:
+            self.libtorch.aoti_torch_delete_tensor_object(output)
+
+    def __del__(self) -> None:
+        if getattr(self, "container", None):
+            self.program.AOTInductorModelContainerDelete(self.container)
 
 
 def read_json(path: Path) -> dict:
@@ -104,14 +200,13 @@ def load_tokenizer(directory: Path, max_length: int) -> Tokenizer:
 
 def load_int8(directory: Path) -> EdgeClassifier:
     config = read_json(directory / EDGE_CONFIG)
-    if config["torch_version"] != torch.__version__:
+    installed = version("torch") if importlib.util.find_spec("torch") else "none"
+    if config["torch_version"] != installed:
         raise EdgeError(
-            f"{directory}: compiled for torch {config['torch_version']}, this is torch {torch.__version__}; "
+            f"{directory}: compiled for torch {config['torch_version']}, the installed torch is {installed}; "
             "install that version or re-run intel_compressor.py here"
         )
-    # The AOTInductor runner of torch.export's packaging API, pointed at the library directly:
-    # aoti_load_package would unzip a .pt2 archive to a temporary directory at every start.
-    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(directory / PROGRAM), 1)
+    program = CompiledProgram(directory / PROGRAM)
     return EdgeClassifier(
         labels=config["labels"],
         multilabel=config["task"] == "multilabel",
@@ -119,7 +214,7 @@ def load_int8(directory: Path) -> EdgeClassifier:
         max_length=config["max_length"],
         pad_token_id=config["pad_token_id"],
         tokenizer=load_tokenizer(directory, config["max_length"]),
-        forward=lambda input_ids, mask: runner.run([input_ids, mask])[0],
+        forward=program,
         kind="int8",
     )
 
@@ -139,6 +234,7 @@ def pad_token_id(directory: Path, tokenizer: Tokenizer) -> int:
 
 
 def load_fp32(directory: Path) -> EdgeClassifier:
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     model_config = read_json(directory / "config.json")
@@ -147,6 +243,11 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
     max_length = fp32_max_length(directory, model_config)
     tokenizer = load_tokenizer(directory, max_length)
+
+    @torch.inference_mode()
+    def forward(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+
     return EdgeClassifier(
         labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
         multilabel=model.config.problem_type == "multi_label_classification",
@@ -154,7 +255,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
         max_length=max_length,
         pad_token_id=pad_token_id(directory, tokenizer),
         tokenizer=tokenizer,
-        forward=lambda input_ids, mask: model(input_ids=input_ids, attention_mask=mask).logits,
+        forward=forward,
         kind="fp32",
     )
 
@@ -186,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell (default ;).")
     parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass (default 32).")
     parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time (default 4096).")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps torch's default (default 0).")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: OpenMP's default, one per core (default 0).")
     return parser
 
 
@@ -250,12 +351,20 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
     return target
 
 
+def set_threads(count: int) -> None:
+    """OpenMP reads OMP_NUM_THREADS when it starts (here, when libtorch_cpu.so or torch loads); a
+    process that has imported torch already is told through torch."""
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(count)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if bool(args.texts) == bool(args.input):
         raise EdgeError("give texts to classify or --input FILE.csv (one of the two)")
     if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
+        set_threads(args.num_threads)
     started = time.perf_counter()
     classifier = load_classifier(args.model)
     print(f"loaded {classifier.kind} model from {args.model} in {time.perf_counter() - started:.2f} s", file=sys.stderr)

@@ -3,6 +3,7 @@ run it through the edge script: in a fresh process without transformers, on text
 streamed CSV, against the fp32 model; and the one-line errors for bad input."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,19 +45,19 @@ def test_report_has_fp32_and_int8_side_by_side(banking_runs):
     assert report["agreement"] >= 0.8
 
 
-def test_int8_runs_in_a_fresh_process_without_transformers(banking_runs):
+def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(banking_runs):
     texts = pd.read_csv(banking_runs["test"])["text"].tolist()
     script = (
         "import json, sys; import intel_compressor_test as edge\n"
         f"model = edge.load_classifier({str(banking_runs['int8'])!r})\n"
         f"probs = model.probabilities({texts!r}, batch_size=4)\n"
-        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'transformers', 'pandas', 'neural_compressor'} & set(sys.modules))}))"
+        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'torch', 'transformers', 'pandas', 'neural_compressor'} & set(sys.modules))}))"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
     assert out["heavy"] == []
     int8_probs = np.array(out["probs"])
-    fp32_probs = intel_compressor_test.load_classifier(banking_runs["best"]).probabilities(texts).numpy()
+    fp32_probs = intel_compressor_test.load_classifier(banking_runs["best"]).probabilities(texts)
     np.testing.assert_allclose(int8_probs.sum(axis=1), 1, atol=1e-4)
     agreement = (int8_probs.argmax(axis=1) == fp32_probs.argmax(axis=1)).mean()
     assert agreement >= 0.8
@@ -71,7 +72,7 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
     logits = predict_logits(model, encode(tokenizer, data, 64), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
     edge = intel_compressor_test.load_classifier(banking_runs["best"])
     assert edge.kind == "fp32" and edge.max_length == 64
-    np.testing.assert_allclose(edge.probabilities(data.texts, 8).numpy(), torch.softmax(logits, -1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(edge.probabilities(data.texts, 8), torch.softmax(logits, -1).numpy(), atol=1e-5)
 
 
 def test_command_line_prints_label_and_probability_per_text(banking_runs):
@@ -98,7 +99,7 @@ def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking
     prob_columns = [f"prob_{label}" for label in model.labels]
     assert list(out.columns) == [*frame.columns, "predicted", *prob_columns]
     assert out["text"].tolist() == frame["text"].tolist() and out["id"].tolist() == frame["id"].tolist()
-    whole = model.probabilities(frame["text"].tolist(), batch_size=32).numpy()
+    whole = model.probabilities(frame["text"].tolist(), batch_size=32)
     np.testing.assert_allclose(out[prob_columns].to_numpy(), whole, atol=2e-5)  # chunking and batching change nothing
     assert (np.array(model.labels)[whole.argmax(axis=1)] == out["predicted"]).all()
 
@@ -131,8 +132,29 @@ def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_ru
     probs = out[[f"prob_{label}" for label in model.labels]].to_numpy()
     above = [";".join(np.array(model.labels)[row >= model.threshold]) for row in probs]
     assert out["predicted"].tolist() == above
-    fp32 = intel_compressor_test.load_classifier(best).probabilities(out["text"].tolist()).numpy()
+    fp32 = intel_compressor_test.load_classifier(best).probabilities(out["text"].tolist())
     assert np.abs(probs - fp32).max() < 0.05  # int8 weights, fp32 activations: close to fp32
+
+
+def test_ctypes_runner_returns_what_torchs_own_aoti_runner_returns(banking_runs):
+    """The edge calls model.so through AOTInductor's C interface; torch's C++ runner is the reference."""
+    library = banking_runs["int8"] / "model.so"
+    model = intel_compressor_test.load_classifier(banking_runs["int8"])
+    texts = pd.read_csv(banking_runs["test"])["text"].tolist()[:7]
+    input_ids, mask = intel_compressor_test.pad(model.token_ids(texts), model.pad_token_id)  # 7 texts, padded
+    reference = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1).run([torch.from_numpy(input_ids), torch.from_numpy(mask)])[0]
+    logits = intel_compressor_test.CompiledProgram(library)(input_ids, mask)
+    assert logits.dtype == np.float32 and logits.shape == (7, 5)
+    np.testing.assert_array_equal(logits, reference.numpy())
+
+
+def test_edge_refuses_a_program_compiled_for_another_torch(banking_runs, tmp_path):
+    copy = tmp_path / "int8"
+    shutil.copytree(banking_runs["int8"], copy)
+    config = json.loads((copy / "edge_config.json").read_text())
+    (copy / "edge_config.json").write_text(json.dumps({**config, "torch_version": "2.12.0+cpu"}))
+    with pytest.raises(intel_compressor_test.EdgeError, match=r"compiled for torch 2.12.0\+cpu, the installed torch is 2.13.0"):
+        intel_compressor_test.load_classifier(copy)
 
 
 def test_int8_embedding_and_linear_match_their_fp32_layers():
