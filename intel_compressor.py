@@ -63,9 +63,10 @@ from utility_functions import (
 )
 
 MODES = ("static", "dynamic", "weight-only")
-# Architectures whose export, int8 compile and accuracy were checked (BERT covers MiniLM and the
-# BERT-base family); others may work but are refused until checked.
-SUPPORTED_MODEL_TYPES = ("bert",)
+# Architectures whose export, int8 compile and edge run are checked by the tests (BERT covers MiniLM
+# and the BERT-base family; RoBERTa derives position ids from the padding); others may work but are
+# refused until checked.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert")
 MAX_BATCH = 1024  # largest batch the compiled program accepts
 
 

@@ -12,12 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 import intel_compressor
 import intel_compressor_test
 from configs import Config
-from tests.conftest import FAST_TIMING, REPO, banking77_slice
+from tests.conftest import FAST_TIMING, REPO, banking77_slice, shared_file
 from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
 
 REPORT_FIELDS = {
@@ -155,6 +162,37 @@ def test_edge_refuses_a_program_compiled_for_another_torch(banking_runs, tmp_pat
     (copy / "edge_config.json").write_text(json.dumps({**config, "torch_version": "2.12.0+cpu"}))
     with pytest.raises(intel_compressor_test.EdgeError, match=r"compiled for torch 2.12.0\+cpu, the installed torch is 2.13.0"):
         intel_compressor_test.load_classifier(copy)
+
+
+TINY_ARCHITECTURES = {
+    "roberta": lambda vocab: RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=66, pad_token_id=0, num_labels=5)),  # positions start after the padding id
+    "distilbert": lambda vocab: DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, pad_token_id=0, num_labels=5)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
+def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
+    """A random tiny model of each architecture goes through the static path (int8 embedding, INC
+    PT2E, AOTInductor) and the edge runner; its logits stay close to fp32 eager on real texts."""
+    torch.manual_seed(0)
+    directory = tmp_path / architecture
+    TINY_ARCHITECTURES[architecture](AutoTokenizer.from_pretrained(minilm_path).vocab_size).eval().save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_path).save_pretrained(directory)
+    assert intel_compressor.check_model_directory(directory)["model_type"] == architecture
+    fp32 = intel_compressor_test.load_classifier(directory)
+    texts = pd.read_csv(shared_file("banking77/test.csv"))["text"].sample(60, random_state=0).tolist()
+    batches = [intel_compressor.torch_batch(fp32.token_ids(texts[i : i + 10]), fp32.pad_token_id) for i in range(0, len(texts), 10)]
+    module = intel_compressor.with_int8_embedding(intel_compressor.load_hf_model(directory))
+    quantized = intel_compressor.quantize_pt2e(module, "static", batches, 64, [])
+    intel_compressor.compile_program(quantized, batches[0], 64, directory / "model.so", freeze=True)
+    input_ids, mask = intel_compressor_test.pad(fp32.token_ids(texts[:16]), fp32.pad_token_id)
+    expected = fp32.forward(input_ids, mask)
+    logits = intel_compressor_test.CompiledProgram(directory / "model.so")(input_ids, mask)
+    assert logits.shape == expected.shape == (16, 5)
+    assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()  # int8 noise, not a different function
 
 
 def test_int8_embedding_and_linear_match_their_fp32_layers():
