@@ -167,6 +167,8 @@ class CompiledProgram:
         return np.lib.stride_tricks.as_strided(first, shape=shape, strides=steps).copy()
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        # the handles wrap these arrays' memory: keep them (contiguous int64) alive until the run returns
+        input_ids, attention_mask = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask))
         inputs = (ctypes.c_void_p * 2)(self.tensor(input_ids), self.tensor(attention_mask))  # the run takes ownership
         outputs = (ctypes.c_void_p * 1)()
         self.check(self.program.AOTInductorModelContainerRun(self.container, inputs, 2, outputs, 1, None, None), f"batch of shape {input_ids.shape}")
