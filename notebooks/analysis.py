@@ -211,21 +211,17 @@ def report_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame({"fp32": report["fp32"], "int8": report["int8"]}).rename_axis(f"kept: {report['mode']}")
 
 
-def disagreements(texts: list[str], truth: list[str], labels: list[str], fp32: np.ndarray, int8: np.ndarray, threshold: float, multilabel: bool) -> pd.DataFrame:
-    """The texts on which the fp32 and the int8 model predict different label(s)."""
-    def decide(probs: np.ndarray) -> list[str]:
-        if multilabel:
-            return [";".join(labels[j] for j in np.flatnonzero(row >= threshold)) for row in probs]
-        return [labels[int(j)] for j in probs.argmax(axis=1)]
-
-    fp32_labels, int8_labels = decide(fp32), decide(int8)
+def disagreements(predictions: pd.DataFrame, int8_predicted: list[str], int8_probs: np.ndarray) -> pd.DataFrame:
+    """The test texts on which the int8 model predicts other label(s) than the fp32 run did
+    (`predicted` and the probability columns of test_predictions.csv)."""
+    fp32_probs = predictions[probability_columns(predictions)].to_numpy()
     frame = pd.DataFrame({
-        "text": texts,
-        "label": truth,
-        "fp32": fp32_labels,
-        "int8": int8_labels,
-        "fp32_top_probability": fp32.max(axis=1),
-        "int8_top_probability": int8.max(axis=1),
-        "max_probability_difference": np.abs(fp32 - int8).max(axis=1),
+        "text": predictions["text"],
+        "label": predictions["label"],
+        "fp32": predictions["predicted"],
+        "int8": int8_predicted,
+        "fp32_top_probability": fp32_probs.max(axis=1),
+        "int8_top_probability": int8_probs.max(axis=1),
+        "max_probability_difference": np.abs(fp32_probs - int8_probs).max(axis=1),
     })
     return frame[frame["fp32"] != frame["int8"]].sort_values("max_probability_difference", ascending=False).reset_index(drop=True)
