@@ -235,8 +235,18 @@ def pad_token_id(directory: Path, tokenizer: Tokenizer) -> int:
     return 0 if token_id is None else token_id
 
 
-def load_fp32(directory: Path) -> EdgeClassifier:
+def numpy_forward(model: object) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The forward function of an EdgeClassifier for a torch model that returns `.logits`."""
     import torch
+
+    @torch.inference_mode()
+    def forward(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+
+    return forward
+
+
+def load_fp32(directory: Path) -> EdgeClassifier:
     from transformers import AutoModelForSequenceClassification
 
     model_config = read_json(directory / "config.json")
@@ -245,11 +255,6 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
     max_length = fp32_max_length(directory, model_config)
     tokenizer = load_tokenizer(directory, max_length)
-
-    @torch.inference_mode()
-    def forward(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
-
     return EdgeClassifier(
         labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
         multilabel=model.config.problem_type == "multi_label_classification",
@@ -257,7 +262,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
         max_length=max_length,
         pad_token_id=pad_token_id(directory, tokenizer),
         tokenizer=tokenizer,
-        forward=forward,
+        forward=numpy_forward(model),
         kind="fp32",
     )
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import intel_compressor
 from configs import resolve_embedded
-from intel_compressor_test import EdgeClassifier, load_classifier
+from intel_compressor_test import EdgeClassifier, load_classifier, numpy_forward
 from utility_functions import compute_metrics, load_data
 
 
@@ -62,11 +62,7 @@ def torch_ao_dynamic(source: Path, fp32: EdgeClassifier, scratch: Path) -> tuple
     model = torch.ao.quantization.quantize_dynamic(intel_compressor.load_hf_model(source), {torch.nn.Linear}, dtype=torch.qint8)
     torch.save(model.state_dict(), scratch / "torch_ao.pt")
 
-    @torch.inference_mode()
-    def forward(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-
-    return dataclasses.replace(fp32, forward=forward, kind="torch.ao"), file_size(scratch / "torch_ao.pt", source / "tokenizer.json")
+    return dataclasses.replace(fp32, forward=numpy_forward(model), kind="torch.ao"), file_size(scratch / "torch_ao.pt", source / "tokenizer.json")
 
 
 def onnxruntime_dynamic(source: Path, fp32: EdgeClassifier, scratch: Path, threads: int) -> tuple[EdgeClassifier, int]:
@@ -122,15 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = intel_compressor.stratified_sample(train, space.task, args.calibration_size, config.seed).texts
 
     fp32 = load_classifier(source)
-    models, sizes, build_seconds = {"fp32 eager": fp32}, {"fp32 eager": intel_compressor.directory_size(source)}, {}
+    models, sizes, build_seconds, directories = {"fp32 eager": fp32}, {"fp32 eager": intel_compressor.directory_size(source)}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         for mode in intel_compressor.MODES:
             variant = intel_compressor.build_variant(source, mode, fp32, calibration, scratch, fp32_layers=[])
             models[f"INC {mode}"], sizes[f"INC {mode}"] = load_classifier(variant.directory), intel_compressor.directory_size(variant.directory)
             build_seconds[f"INC {mode}"] = variant.seconds
-            if mode == "static":
-                cold_start = {name: cold_start_seconds(path, 5, args.num_threads) for name, path in [("fp32 eager", source), ("INC static", variant.directory)]}
+            directories[f"INC {mode}"] = variant.directory
+        cold_start = {name: cold_start_seconds(path, 5, args.num_threads) for name, path in [("fp32 eager", source), ("INC static", directories["INC static"])]}
         for name, build in [("torch.ao dynamic", lambda: torch_ao_dynamic(source, fp32, scratch)),
                             ("ONNX Runtime dynamic", lambda: onnxruntime_dynamic(source, fp32, scratch, args.num_threads))]:  # fmt: skip
             started = time.perf_counter()
