@@ -16,7 +16,8 @@ Every mode also stores the word-embedding table (half of MiniLM's weights) as pe
 the torch quantizers leave embeddings in fp32. The quantized program is then compiled ahead of
 time by AOTInductor, with weight freezing, into one shared library (model.so) that the edge
 script loads without transformers or a compiler. Without that compile step the int8 graph only
-simulates int8 and runs slower than fp32.
+simulates int8 and runs slower than fp32. Inside the program, attention is a plain matmul-softmax-
+matmul up to MATH_ATTENTION_MAX_TOKENS tokens and SDPA's flash kernel beyond (one program, both).
 
 The calibration texts and the validation split are the training run's own (best_model/
 training_config.json, same split and seed); --train_file / --validation_file override them.
@@ -194,13 +195,51 @@ class Int8WeightOnlyLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def load_hf_model(directory: Path) -> nn.Module:
+def load_hf_model(directory: Path, attention: str | None = None) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
+    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, attn_implementation=attention).eval()
 
 
-def with_int8_embedding(model: nn.Module) -> Logits:
+# Up to this many tokens the compiled program computes attention as matmul, softmax, matmul; beyond
+# it, with SDPA's flash-attention kernel. Measured on this machine (32 x 12 heads, compiled): the
+# plain form takes a third of the time at 16 tokens and is even at about 128; at 256 it is 2.5x
+# slower, as its score matrices no longer fit in cache. On BANKING77 (about 16 tokens) it raised
+# int8 throughput by 8% and cut batch-1 latency by 11%; with it alone, IMDB at 256 tokens fell 30%.
+MATH_ATTENTION_MAX_TOKENS = 128
+LENGTH_SWITCHED_ATTENTION = "length_switched"
+
+
+def length_switched_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """A transformers attention function whose choice follows the sequence length at run time:
+    torch.cond keeps both forms in the one exported program, so it still serves every length."""
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+
+    def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+        weights = torch.softmax(scores + mask[0] if mask else scores, dim=-1)
+        return torch.matmul(weights, v).transpose(1, 2).contiguous()
+
+    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=scaling)
+        return out.transpose(1, 2).contiguous()  # both branches must return the same memory layout
+
+    operands = (query, key, value) if attention_mask is None else (query, key, value, attention_mask)
+    return torch.cond(query.size(2) <= MATH_ATTENTION_MAX_TOKENS, plain, flash, operands), None
+
+
+def load_for_int8_program(directory: Path) -> Logits:
+    """The model as it is quantized and compiled: length-switched attention (with the additive
+    float mask that both of its forms take) and the int8 word-embedding table."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(LENGTH_SWITCHED_ATTENTION, length_switched_attention)
+    AttentionMaskInterface.register(LENGTH_SWITCHED_ATTENTION, eager_mask)
+    model = load_hf_model(directory, LENGTH_SWITCHED_ATTENTION)
     model.set_input_embeddings(Int8Embedding(model.get_input_embeddings().weight.detach()))
     return Logits(model).eval()
 
@@ -295,7 +334,7 @@ def torch_batch(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
 def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: list[str], staging_root: Path, fp32_layers: list[str] | None = None) -> Variant:
     """Quantize, compile and write one int8 directory (not yet the final output)."""
     started = time.perf_counter()
-    module = with_int8_embedding(load_hf_model(source))
+    module = load_for_int8_program(source)
     batches = [torch_batch(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
     fp32_layers = head_layer_names(module) if fp32_layers is None else fp32_layers
     if mode == "weight-only":

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DistilBertConfig,
@@ -164,35 +165,65 @@ def test_edge_refuses_a_program_compiled_for_another_torch(banking_runs, tmp_pat
         intel_compressor_test.load_classifier(copy)
 
 
+LONG = intel_compressor.MATH_ATTENTION_MAX_TOKENS + 32  # max_length of the tiny models: both attention forms in reach
 TINY_ARCHITECTURES = {
     "roberta": lambda vocab: RobertaForSequenceClassification(RobertaConfig(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=66, pad_token_id=0, num_labels=5)),  # positions start after the padding id
+        max_position_embeddings=LONG + 2, pad_token_id=0, num_labels=5)),  # positions start after the padding id
     "distilbert": lambda vocab: DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64, pad_token_id=0, num_labels=5)),
+        vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LONG, pad_token_id=0, num_labels=5)),
 }  # fmt: skip
+
+
+def short_and_long_texts(count: int) -> list[str]:
+    """Real BANKING77 texts (about 16 tokens), every other one run on with the next few, past the
+    length where the compiled program switches its attention form."""
+    texts = pd.read_csv(shared_file("banking77/test.csv"))["text"].sample(count * 8, random_state=0).tolist()
+    return [" ".join(texts[i : i + 8]) if i % 16 else texts[i] for i in range(0, len(texts), 8)]
 
 
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
 def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
     """A random tiny model of each architecture goes through the static path (int8 embedding, INC
-    PT2E, AOTInductor) and the edge runner; its logits stay close to fp32 eager on real texts."""
+    PT2E, AOTInductor) and the edge runner; its logits stay close to fp32 eager on real texts, short
+    ones and ones long enough for the program's other attention form."""
     torch.manual_seed(0)
     directory = tmp_path / architecture
     TINY_ARCHITECTURES[architecture](AutoTokenizer.from_pretrained(minilm_path).vocab_size).eval().save_pretrained(directory)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(directory)
     assert intel_compressor.check_model_directory(directory)["model_type"] == architecture
     fp32 = intel_compressor_test.load_classifier(directory)
-    texts = pd.read_csv(shared_file("banking77/test.csv"))["text"].sample(60, random_state=0).tolist()
-    batches = [intel_compressor.torch_batch(fp32.token_ids(texts[i : i + 10]), fp32.pad_token_id) for i in range(0, len(texts), 10)]
-    module = intel_compressor.with_int8_embedding(intel_compressor.load_hf_model(directory))
-    quantized = intel_compressor.quantize_pt2e(module, "static", batches, 64, [])
-    intel_compressor.compile_program(quantized, batches[0], 64, directory / "model.so", freeze=True)
-    input_ids, mask = intel_compressor_test.pad(fp32.token_ids(texts[:16]), fp32.pad_token_id)
-    expected = fp32.forward(input_ids, mask)
-    logits = intel_compressor_test.CompiledProgram(directory / "model.so")(input_ids, mask)
-    assert logits.shape == expected.shape == (16, 5)
-    assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()  # int8 noise, not a different function
+    texts = short_and_long_texts(60)
+    rows = [ids[:LONG] for ids in fp32.token_ids(texts)]
+    batches = [intel_compressor.torch_batch(rows[i : i + 10], fp32.pad_token_id) for i in range(0, len(texts), 10)]
+    module = intel_compressor.load_for_int8_program(directory)
+    quantized = intel_compressor.quantize_pt2e(module, "static", batches, LONG, [])
+    intel_compressor.compile_program(quantized, batches[0], LONG, directory / "model.so", freeze=True)
+    program = intel_compressor_test.CompiledProgram(directory / "model.so")
+    for batch in rows[:8:2], rows[:16]:  # short texts only (plain attention), then up to LONG tokens (SDPA)
+        input_ids, mask = intel_compressor_test.pad(batch, fp32.pad_token_id)
+        expected, logits = fp32.forward(input_ids, mask), program(input_ids, mask)
+        assert logits.shape == expected.shape == (len(batch), 5)
+        assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()  # int8 noise, not a different function
+    assert input_ids.shape[1] > intel_compressor.MATH_ATTENTION_MAX_TOKENS
+
+
+@pytest.mark.parametrize("length", [24, intel_compressor.MATH_ATTENTION_MAX_TOKENS + 40])
+def test_length_switched_attention_matches_the_models_own(length, tiny_bert_dir, tmp_path):
+    """The attention of the int8 program computes what transformers' SDPA attention computes, in
+    both of its forms: fp32, on a padded batch short enough for one form and long enough for the other."""
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_bert_dir, max_position_embeddings=256)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    texts = short_and_long_texts(6)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # padding masked out
+    with torch.no_grad():
+        expected = intel_compressor.load_hf_model(tmp_path)(**batch).logits
+        switched = intel_compressor.load_for_int8_program(tmp_path).model
+        switched.set_input_embeddings(intel_compressor.load_hf_model(tmp_path).get_input_embeddings())  # fp32 table
+        torch.testing.assert_close(switched(**batch).logits, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_int8_embedding_and_linear_match_their_fp32_layers():
