@@ -62,12 +62,35 @@ class Config:
     )
     label_delimiter: str = _arg(";", "Separator of labels within one cell for multi-label data.")
     max_length: int = _arg(128, "Longer texts are truncated to this many tokens.")
+    pooling: str = _arg(
+        "auto",
+        "What the classification layer reads: auto (mean when the model directory is a sentence-transformers "
+        "checkpoint trained for mean pooling, 1_Pooling/config.json; else cls), mean (mean of the token states, "
+        "BERT family; the saved model then loads with trust_remote_code=True) or cls (the architecture's own head).",
+        choices=["auto", "mean", "cls"],
+    )
+    head_init: str = _arg(
+        "probe",
+        "probe: before fine-tuning, fit the classification layer as a linear probe on the frozen model's features "
+        "of the training texts, with the task's loss (LP-FT, Kumar et al. 2022); random: transformers' initialisation.",
+        choices=["probe", "random"],
+    )
+    probe_c: float = _arg(
+        1.0,
+        "Inverse L2 strength of that probe (scikit-learn's C). A small C keeps the head unsure on the training "
+        "texts, so fine-tuning still has a loss to learn from; a probe that fits them perfectly leaves it none.",
+    )
     reduce_ratio: float = _arg(1.0, "Use this fraction of each split (stratified, seeded) for quick runs.")
     valid_size: float = _arg(0.1, "Fraction of training data held out for validation when no validation_file.")
 
     # --- optimisation ---
     batch_size: int = _arg(32, "Examples per forward pass (train and eval).")
-    epochs: int = _arg(5, "Training epochs.")
+    epochs: int = _arg(5, "Training epochs (raised on small data to reach --min_steps).")
+    min_steps: int = _arg(
+        600,
+        "Train at least this many optimizer steps: small data gets more epochs than --epochs "
+        "(ceil(min_steps / steps per epoch)); 0: exactly --epochs.",
+    )
     learning_rate: float = _arg(1e-4, "Peak learning rate of AdamW (small models like MiniLM want ~1e-4).")
     weight_decay: float = _arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
     warmup_ratio: float = _arg(0.06, "Fraction of optimizer steps spent warming the learning rate up.")
@@ -93,6 +116,9 @@ class Config:
     )
     eval_steps: int = _arg(
         0, "Also evaluate and save a training state every this many optimizer steps; 0: at epoch ends only."
+    )
+    early_stopping_patience: int = _arg(
+        0, "Stop after this many validations in a row without a better metric_for_best_model; 0: never stop early."
     )
     save_total_limit: int = _arg(2, "Training-state checkpoints kept (the newest); best_model/ is kept apart.")
     resume: str = _arg(
@@ -212,8 +238,13 @@ def check_config(config: Config) -> None:
         raise SystemExit(f"error: --reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
     if not 0 < config.valid_size < 1:
         raise SystemExit(f"error: --valid_size must be in (0, 1), got {config.valid_size}")
+    if config.probe_c <= 0:
+        raise SystemExit(f"error: --probe_c must be positive, got {config.probe_c}")
     if not 0 <= config.warmup_ratio < 1:
         raise SystemExit(f"error: --warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+    for name in ("min_steps", "early_stopping_patience"):
+        if getattr(config, name) < 0:
+            raise SystemExit(f"error: --{name} must not be negative, got {getattr(config, name)}")
     if config.freeze_layers < 0 or config.freeze_epochs < 0:
         raise SystemExit("error: --freeze_layers and --freeze_epochs must not be negative")
     if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):

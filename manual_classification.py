@@ -31,6 +31,7 @@ from utility_functions import (
     autocast,
     autocast_dtype,
     build_loss,
+    build_model,
     build_optimizer,
     build_scheduler,
     describe_data,
@@ -38,7 +39,6 @@ from utility_functions import (
     format_metrics,
     gpu_utilization,
     is_improvement,
-    load_model_for_training,
     load_training_state,
     prepare_run,
     progress_bar,
@@ -47,6 +47,7 @@ from utility_functions import (
     run_cli,
     save_model_directory,
     save_training_state,
+    stopped_early,
     test_best_model,
     top_k_summary,
     train_loader,
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     config, device = run.config, run.device
     print(f"run {config.run_name} on {device}: {describe_data(run)}")
 
-    model = load_model_for_training(config.model_name_or_path, run.space).to(device)
     loss_fn = build_loss(run.space, run.train_data.targets, config).to(device)
+    model = build_model(run, loss_fn)
     loader = train_loader(run)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     optimizer = build_optimizer(model, config, device)
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     started, step_seconds = time.time(), 0.0  # step_seconds: training steps only, for benchmarks
     try:
         while progress.epoch < config.epochs:
+            if stopped_early(progress.history, progress.best, config.early_stopping_patience):
+                print(f"stopping early: {config.early_stopping_patience} validations without a better {metric}")
+                break
             epoch = progress.epoch
             print(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
             trainable_by_epoch.append(trainable_parameter_names(model))

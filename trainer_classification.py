@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from configs import Config, checkpoint_to_resume, parse_config
@@ -29,10 +29,10 @@ from utility_functions import (
     apply_freeze_schedule,
     autocast_dtype,
     build_loss,
+    build_model,
     compute_metrics,
     describe_data,
     format_metrics,
-    load_model_for_training,
     prepare_run,
     probabilities,
     run_cli,
@@ -127,8 +127,10 @@ def training_arguments(run: PreparedRun) -> TrainingArguments:
 
 def build_trainer(run: PreparedRun, callbacks: list[TrainerCallback] | None = None) -> ClassificationTrainer:
     """Model, loss, callbacks and Trainer for a prepared run (the tests use it directly)."""
-    model = load_model_for_training(run.config.model_name_or_path, run.space)
     loss_fn = build_loss(run.space, run.train_data.targets, run.config)
+    model = build_model(run, loss_fn)
+    if run.config.early_stopping_patience:
+        callbacks = [EarlyStoppingCallback(early_stopping_patience=run.config.early_stopping_patience), *(callbacks or [])]
     return ClassificationTrainer(
         model=model,
         args=training_arguments(run),

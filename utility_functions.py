@@ -7,6 +7,7 @@ freezing, losses, metrics, evaluation and prediction, run set-up and the end-of-
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -18,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,22 +612,73 @@ def load_tokenizer(name: str) -> Any:
         raise DataError(f"--model_name_or_path {name}: cannot load a tokenizer ({reason})") from None
 
 
-def load_model_for_training(name: str, space: LabelSpace) -> nn.Module:
+def checkpoint_pooling(name: str) -> str:
+    """'mean' when `name` is a sentence-transformers directory trained for mean pooling (its
+    1_Pooling/config.json), else 'cls' (the architecture's own head reads the first token)."""
+    pooling_config = Path(name) / "1_Pooling" / "config.json"
+    if pooling_config.is_file() and json.loads(pooling_config.read_text()).get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls"
+
+
+def resolve_pooling(name: str, pooling: str) -> str:
+    """--pooling auto as what the checkpoint was trained for; mean only where it was validated (BERT)."""
+    resolved = checkpoint_pooling(name) if pooling == "auto" else pooling
+    if resolved != "mean":
+        return resolved
+    model_config = Path(name) / "config.json"
+    if not model_config.is_file():
+        raise DataError(f"--pooling mean needs a local model directory with a config.json, got {name!r}")
+    model_type = json.loads(model_config.read_text()).get("model_type")
+    if model_type in ("bert", "bert_mean_pooling"):
+        return "mean"
+    if pooling == "mean":
+        raise DataError(f"--pooling mean supports BERT-family checkpoints (model_type bert), not {model_type!r}")
+    return "cls"  # auto: a mean-pooling checkpoint of another architecture keeps that architecture's head
+
+
+def load_model_for_training(name: str, space: LabelSpace, pooling: str = "cls") -> nn.Module:
     """A sequence classifier with our label map. Binary models keep two logits so that
     `pipeline("text-classification")` reports both labels (softmax of two logits equals the
-    sigmoid of their difference, which is what the binary loss trains)."""
-    from transformers import AutoModelForSequenceClassification
+    sigmoid of their difference, which is what the binary loss trains). With mean pooling the
+    classifier is modeling_mean_pooling's, which save_pretrained copies into the model directory."""
+    if pooling == "mean":
+        from modeling_mean_pooling import MeanPoolingBertForSequenceClassification as model_class
+    else:
+        from transformers import AutoModelForSequenceClassification as model_class
 
     problem = "multi_label_classification" if space.task == "multilabel" else "single_label_classification"
-    return AutoModelForSequenceClassification.from_pretrained(
-        name,
-        num_labels=space.num_labels,
-        id2label=dict(enumerate(space.labels)),
-        label2id=space.label2id,
-        problem_type=problem,
-        ignore_mismatched_sizes=True,  # a checkpoint trained on other labels gets a new head
-        local_files_only=is_local_path(name),
-    )
+    with quiet_transformers():
+        return model_class.from_pretrained(
+            name,
+            num_labels=space.num_labels,
+            id2label=dict(enumerate(space.labels)),
+            label2id=space.label2id,
+            problem_type=problem,
+            ignore_mismatched_sizes=True,  # a checkpoint trained on other labels gets a new head
+            local_files_only=is_local_path(name),
+        )
+
+
+def load_trained_classifier(directory: Path) -> nn.Module:
+    """A model directory written by the training scripts (mean-pooling ones ship their own code)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, trust_remote_code=True)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Only errors from transformers while a checkpoint becomes a classifier: its report of a new
+    head (and, for mean pooling, an unused pooler and a 'bert' config) is what fine-tuning means."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -795,8 +847,12 @@ def is_improvement(metric: str, value: float, best: float | None) -> bool:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits in dataset order. Batches are formed from length-sorted rows (little padding)."""
+def run_in_length_order(
+    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
+    read: Callable[[Any], torch.Tensor],
+) -> torch.Tensor:
+    """`read(model output)` for every row, in dataset order. Batches are formed from length-sorted
+    rows (little padding); the model runs in eval mode (no dropout)."""
     model.eval()
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
     chunks = []
@@ -804,11 +860,16 @@ def predict_logits(model: nn.Module, dataset: EncodedDataset, collator: PaddingC
         batch = collator([dataset[i] for i in order[start : start + batch_size]])
         with autocast(device):
             output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        chunks.append(output.logits.float().cpu())
-    logits = torch.cat(chunks)
-    restored = torch.empty_like(logits)
-    restored[torch.tensor(order)] = logits
+        chunks.append(read(output).float().cpu())
+    rows = torch.cat(chunks)
+    restored = torch.empty_like(rows)
+    restored[torch.tensor(order)] = rows
     return restored
+
+
+def predict_logits(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits in dataset order."""
+    return run_in_length_order(model, dataset, collator, batch_size, device, read=lambda output: output.logits)
 
 
 def evaluate(
@@ -863,6 +924,70 @@ def top_k_summary(texts: list[str], targets: np.ndarray, probs: np.ndarray, spac
 
 
 # ---------------------------------------------------------------------------------------
+# The classification layer fitted as a linear probe before fine-tuning (LP-FT)
+# ---------------------------------------------------------------------------------------
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The linear layer that turns features into logits: `classifier` (BERT, DistilBERT, mean
+    pooling) or `classifier.out_proj` (RoBERTa's two-layer head)."""
+    head = getattr(model, "classifier", None)
+    head = getattr(head, "out_proj", head)
+    if not isinstance(head, nn.Linear):
+        raise DataError(f"--head_init probe cannot find the classification layer of {type(model).__name__}; use --head_init random")
+    return head
+
+
+def classifier_features(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
+    """What the classification layer reads for each row (eval mode), in dataset order."""
+    captured: list[torch.Tensor] = []
+    hook = classifier_layer(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+    try:
+        return run_in_length_order(model, dataset, collator, batch_size, device, read=lambda output: captured.pop())
+    finally:
+        hook.remove()
+
+
+def fit_linear_probe(
+    features: torch.Tensor, targets: torch.Tensor, loss_fn: ClassificationLoss, num_labels: int, c: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a linear layer minimising the task's own loss plus an L2 penalty on the
+    weight: logistic regression (softmax, per-label or binary, with the loss's class or positive
+    weights) solved with L-BFGS from zero, deterministic. `c` is scikit-learn's C: the penalty is
+    1 / (c * loss terms) on the mean loss, as C weighs the summed loss there."""
+    weight = torch.zeros(num_labels, features.shape[1], requires_grad=True)
+    bias = torch.zeros(num_labels, requires_grad=True)
+    penalty = 1.0 / (c * targets.numel())
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=1000, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(features @ weight.T + bias, targets) + 0.5 * penalty * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
+@torch.no_grad()
+def initialize_head_from_probe(model: nn.Module, run: PreparedRun, loss_fn: ClassificationLoss) -> str:
+    """Replace the random classification layer by a linear probe fitted on the frozen model's
+    features of the training texts, so fine-tuning starts from the probe's predictions instead of
+    pulling the encoder towards a random head. Returns a one-line description."""
+    head = classifier_layer(model)
+    features = classifier_features(model, run.train_set, run.collator, run.config.batch_size, run.device)
+    targets = torch.as_tensor(run.train_data.targets)
+    loss_fn = copy.deepcopy(loss_fn).cpu()
+    before = float(loss_fn(features @ head.weight.cpu().T + head.bias.cpu(), targets))
+    with torch.enable_grad():
+        weight, bias = fit_linear_probe(features, targets, loss_fn, run.space.num_labels, run.config.probe_c)
+    after = float(loss_fn(features @ weight.T + bias, targets))
+    head.weight.copy_(weight)
+    head.bias.copy_(bias)
+    return f"head fitted as a linear probe on {len(features)} training texts: training loss {before:.4f} -> {after:.4f}"
+
+
+# ---------------------------------------------------------------------------------------
 # Run set-up (shared by both training scripts) and the end-of-run test
 # ---------------------------------------------------------------------------------------
 
@@ -898,6 +1023,27 @@ def resolve_config(config: Config) -> Config:
     )
 
 
+def resolve_training_plan(config: Config, train_rows: int) -> Config:
+    """--pooling auto as what the checkpoint was trained for, and --epochs raised until training
+    takes --min_steps optimizer steps; config.json records the values that ran."""
+    return dataclasses.replace(
+        config, pooling=resolve_pooling(config.model_name_or_path, config.pooling), epochs=planned_epochs(config, train_rows)
+    )
+
+
+def planned_epochs(config: Config, train_rows: int) -> int:
+    """--epochs, or more when that many epochs of `train_rows` are fewer than --min_steps steps."""
+    steps_per_epoch = math.ceil(math.ceil(train_rows / config.batch_size) / config.gradient_accumulation_steps)
+    return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
+
+
+def stopped_early(history: list[dict[str, float]], best: dict[str, float] | None, patience: int) -> bool:
+    """True once `patience` validations in a row came after the best one without beating it."""
+    if patience == 0 or best is None:
+        return False
+    return sum(1 for entry in history if entry["step"] > best["step"]) >= patience
+
+
 def load_data(config: Config) -> tuple[LabelSpace, LabeledData, LabeledData, LabeledData | None]:
     """All splits, checked, before anything is written: bad input stops the run here."""
     train, space = load_split(config.train_file, config)
@@ -922,6 +1068,7 @@ def prepare_run(config: Config) -> PreparedRun:
     set_seed(config.seed)
     device = resolve_device(config.device)
     space, train, valid, test = load_data(config)
+    config = resolve_training_plan(config, len(train))
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
         raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
@@ -946,13 +1093,24 @@ def prepare_run(config: Config) -> PreparedRun:
     )
 
 
+def build_model(run: PreparedRun, loss_fn: ClassificationLoss) -> nn.Module:
+    """The model to fine-tune, on the run's device: the checkpoint with the run's label map and
+    pooling, its classification layer fitted as a linear probe (--head_init probe; not when
+    resuming, where the checkpoint's weights replace it)."""
+    model = load_model_for_training(run.config.model_name_or_path, run.space, run.config.pooling).to(run.device)
+    if run.config.head_init == "probe" and not run.config.resume:
+        print(initialize_head_from_probe(model, run, loss_fn))
+    return model
+
+
 def describe_data(run: PreparedRun) -> str:
     counts = Counter(label for labels in hard_label_sets(run.train_data.targets, run.space) for label in labels)
     rarest, most = min(counts.values(), default=0), max(counts.values(), default=0)
     test_rows = len(run.test_data) if run.test_data is not None else 0
     return (
         f"task {run.space.task}, {run.space.num_labels} labels ({rarest} to {most} training rows each); "
-        f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}"
+        f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}; "
+        f"{run.config.epochs} epochs, {run.config.pooling} pooling, head {run.config.head_init}"
     )
 
 
@@ -968,9 +1126,7 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file)."""
     if run.test_set is None:
         return None
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
+    model = load_trained_classifier(best_dir).to(run.device)
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
     metrics, probs = evaluate(model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold)
     frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)

@@ -9,7 +9,7 @@ import manual_classification
 import trainer_classification
 from configs import parse_config
 from tests.conftest import banking77_slice, shared_file, tiny_run_args
-from utility_functions import build_loss, load_model_for_training, prepare_run
+from utility_functions import build_loss, build_model, prepare_run
 
 # Both runs see the same data with the same seed, but Trainer's length-grouped sampler orders the
 # batches (and Trainer re-seeds dropout) differently, so the two end at different points. With the
@@ -35,14 +35,14 @@ def task_files(task: str, tmp_path) -> list[str]:
 def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, task):
     args = [*tiny_run_args(tiny_bert_dir, tmp_path), *task_files(task, tmp_path)]
     manual_run = prepare_run(parse_config(args))
-    model = load_model_for_training(manual_run.config.model_name_or_path, manual_run.space).eval()
     loss_fn = build_loss(manual_run.space, manual_run.train_data.targets, manual_run.config)
+    model = build_model(manual_run, loss_fn).eval()
 
     trainer = trainer_classification.build_trainer(prepare_run(parse_config(args)))
     trainer.model.eval()  # no dropout: the two losses must agree to float precision
     assert trainer.model.config.num_labels == model.config.num_labels
     for (name, a), (_, b) in zip(model.state_dict().items(), trainer.model.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name  # same seed, same head initialisation
+        assert torch.equal(a, b), name  # same seed, same probe-fitted head
 
     batch = manual_run.collator([manual_run.train_set[i] for i in range(8)])
     manual_loss = loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
