@@ -62,13 +62,6 @@ class Config:
     )
     label_delimiter: str = _arg(";", "Separator of labels within one cell for multi-label data.")
     max_length: int = _arg(128, "Longer texts are truncated to this many tokens.")
-    pooling: str = _arg(
-        "auto",
-        "What the classification layer reads: auto (mean when the model directory is a sentence-transformers "
-        "checkpoint trained for mean pooling, 1_Pooling/config.json; else cls), mean (mean of the token states, "
-        "BERT family; the saved model then loads with trust_remote_code=True) or cls (the architecture's own head).",
-        choices=["auto", "mean", "cls"],
-    )
     head_init: str = _arg(
         "probe",
         "probe: before fine-tuning, fit the classification layer as a linear probe on the frozen model's features "
@@ -76,8 +69,8 @@ class Config:
         choices=["probe", "random"],
     )
     probe_c: float = _arg(
-        1.0,
-        "Inverse L2 strength of that probe (scikit-learn's C). A small C keeps the head unsure on the training "
+        0.01,
+        "Inverse L2 strength of that probe (scikit-learn's C, on standardised features). A small C keeps the head unsure on the training "
         "texts, so fine-tuning still has a loss to learn from; a probe that fits them perfectly leaves it none.",
     )
     reduce_ratio: float = _arg(1.0, "Use this fraction of each split (stratified, seeded) for quick runs.")

@@ -65,9 +65,9 @@ from utility_functions import (
 
 MODES = ("static", "dynamic", "weight-only")
 # Architectures whose export, int8 compile and edge run are checked by the tests (BERT covers MiniLM
-# and the BERT-base family, bert_mean_pooling is modeling_mean_pooling.py; RoBERTa derives position
-# ids from the padding); others may work but are refused until checked.
-SUPPORTED_MODEL_TYPES = ("bert", "bert_mean_pooling", "roberta", "distilbert")
+# and the BERT-base family; RoBERTa derives position ids from the padding); others may work but are
+# refused until checked.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert")
 MAX_BATCH = 1024  # largest batch the compiled program accepts
 
 
@@ -198,9 +198,7 @@ class Int8WeightOnlyLinear(nn.Module):
 def load_hf_model(directory: Path, attention: str | None = None) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        directory, local_files_only=True, trust_remote_code=True, attn_implementation=attention
-    ).eval()
+    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, attn_implementation=attention).eval()
 
 
 # Up to this many tokens the compiled program computes attention as matmul, softmax, matmul; beyond

@@ -252,7 +252,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     model_config = read_json(directory / "config.json")
     if not model_config.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])):
         raise EdgeError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
-    model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, trust_remote_code=True).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
     max_length = fp32_max_length(directory, model_config)
     tokenizer = load_tokenizer(directory, max_length)
     return EdgeClassifier(

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -612,73 +612,22 @@ def load_tokenizer(name: str) -> Any:
         raise DataError(f"--model_name_or_path {name}: cannot load a tokenizer ({reason})") from None
 
 
-def checkpoint_pooling(name: str) -> str:
-    """'mean' when `name` is a sentence-transformers directory trained for mean pooling (its
-    1_Pooling/config.json), else 'cls' (the architecture's own head reads the first token)."""
-    pooling_config = Path(name) / "1_Pooling" / "config.json"
-    if pooling_config.is_file() and json.loads(pooling_config.read_text()).get("pooling_mode_mean_tokens"):
-        return "mean"
-    return "cls"
-
-
-def resolve_pooling(name: str, pooling: str) -> str:
-    """--pooling auto as what the checkpoint was trained for; mean only where it was validated (BERT)."""
-    resolved = checkpoint_pooling(name) if pooling == "auto" else pooling
-    if resolved != "mean":
-        return resolved
-    model_config = Path(name) / "config.json"
-    if not model_config.is_file():
-        raise DataError(f"--pooling mean needs a local model directory with a config.json, got {name!r}")
-    model_type = json.loads(model_config.read_text()).get("model_type")
-    if model_type in ("bert", "bert_mean_pooling"):
-        return "mean"
-    if pooling == "mean":
-        raise DataError(f"--pooling mean supports BERT-family checkpoints (model_type bert), not {model_type!r}")
-    return "cls"  # auto: a mean-pooling checkpoint of another architecture keeps that architecture's head
-
-
-def load_model_for_training(name: str, space: LabelSpace, pooling: str = "cls") -> nn.Module:
+def load_model_for_training(name: str, space: LabelSpace) -> nn.Module:
     """A sequence classifier with our label map. Binary models keep two logits so that
     `pipeline("text-classification")` reports both labels (softmax of two logits equals the
-    sigmoid of their difference, which is what the binary loss trains). With mean pooling the
-    classifier is modeling_mean_pooling's, which save_pretrained copies into the model directory."""
-    if pooling == "mean":
-        from modeling_mean_pooling import MeanPoolingBertForSequenceClassification as model_class
-    else:
-        from transformers import AutoModelForSequenceClassification as model_class
-
-    problem = "multi_label_classification" if space.task == "multilabel" else "single_label_classification"
-    with quiet_transformers():
-        return model_class.from_pretrained(
-            name,
-            num_labels=space.num_labels,
-            id2label=dict(enumerate(space.labels)),
-            label2id=space.label2id,
-            problem_type=problem,
-            ignore_mismatched_sizes=True,  # a checkpoint trained on other labels gets a new head
-            local_files_only=is_local_path(name),
-        )
-
-
-def load_trained_classifier(directory: Path) -> nn.Module:
-    """A model directory written by the training scripts (mean-pooling ones ship their own code)."""
+    sigmoid of their difference, which is what the binary loss trains)."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, trust_remote_code=True)
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Only errors from transformers while a checkpoint becomes a classifier: its report of a new
-    head (and, for mean pooling, an unused pooler and a 'bert' config) is what fine-tuning means."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
+    problem = "multi_label_classification" if space.task == "multilabel" else "single_label_classification"
+    return AutoModelForSequenceClassification.from_pretrained(
+        name,
+        num_labels=space.num_labels,
+        id2label=dict(enumerate(space.labels)),
+        label2id=space.label2id,
+        problem_type=problem,
+        ignore_mismatched_sizes=True,  # a checkpoint trained on other labels gets a new head
+        local_files_only=is_local_path(name),
+    )
 
 
 def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -928,8 +877,8 @@ def top_k_summary(texts: list[str], targets: np.ndarray, probs: np.ndarray, spac
 # ---------------------------------------------------------------------------------------
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
-    """The linear layer that turns features into logits: `classifier` (BERT, DistilBERT, mean
-    pooling) or `classifier.out_proj` (RoBERTa's two-layer head)."""
+    """The linear layer that turns features into logits: `classifier` (BERT, DistilBERT) or
+    `classifier.out_proj` (RoBERTa's two-layer head)."""
     head = getattr(model, "classifier", None)
     head = getattr(head, "out_proj", head)
     if not isinstance(head, nn.Linear):
@@ -950,10 +899,14 @@ def classifier_features(model: nn.Module, dataset: EncodedDataset, collator: Pad
 def fit_linear_probe(
     features: torch.Tensor, targets: torch.Tensor, loss_fn: ClassificationLoss, num_labels: int, c: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of a linear layer minimising the task's own loss plus an L2 penalty on the
-    weight: logistic regression (softmax, per-label or binary, with the loss's class or positive
-    weights) solved with L-BFGS from zero, deterministic. `c` is scikit-learn's C: the penalty is
+    """(weight, bias) of a linear layer on `features` minimising the task's own loss plus an L2
+    penalty: logistic regression (softmax, per-label or binary, with the loss's class or positive
+    weights) solved with L-BFGS from zero, deterministic. It is fitted on standardised features
+    (zero mean, unit variance per dimension, so `c` means the same for every model's feature scale)
+    and folded back into a layer on the raw features. `c` is scikit-learn's C: the penalty is
     1 / (c * loss terms) on the mean loss, as C weighs the summed loss there."""
+    mean, std = features.mean(dim=0), features.std(dim=0, correction=0).clamp(min=1e-6)  # as StandardScaler
+    standardised = (features - mean) / std
     weight = torch.zeros(num_labels, features.shape[1], requires_grad=True)
     bias = torch.zeros(num_labels, requires_grad=True)
     penalty = 1.0 / (c * targets.numel())
@@ -961,12 +914,13 @@ def fit_linear_probe(
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = loss_fn(features @ weight.T + bias, targets) + 0.5 * penalty * weight.pow(2).sum()
+        loss = loss_fn(standardised @ weight.T + bias, targets) + 0.5 * penalty * weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(objective)
-    return weight.detach(), bias.detach()
+    weight, bias = weight.detach() / std, bias.detach()
+    return weight, bias - weight @ mean
 
 
 @torch.no_grad()
@@ -1023,14 +977,6 @@ def resolve_config(config: Config) -> Config:
     )
 
 
-def resolve_training_plan(config: Config, train_rows: int) -> Config:
-    """--pooling auto as what the checkpoint was trained for, and --epochs raised until training
-    takes --min_steps optimizer steps; config.json records the values that ran."""
-    return dataclasses.replace(
-        config, pooling=resolve_pooling(config.model_name_or_path, config.pooling), epochs=planned_epochs(config, train_rows)
-    )
-
-
 def planned_epochs(config: Config, train_rows: int) -> int:
     """--epochs, or more when that many epochs of `train_rows` are fewer than --min_steps steps."""
     steps_per_epoch = math.ceil(math.ceil(train_rows / config.batch_size) / config.gradient_accumulation_steps)
@@ -1068,7 +1014,7 @@ def prepare_run(config: Config) -> PreparedRun:
     set_seed(config.seed)
     device = resolve_device(config.device)
     space, train, valid, test = load_data(config)
-    config = resolve_training_plan(config, len(train))
+    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train)))  # config.json records what ran
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
         raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
@@ -1094,10 +1040,10 @@ def prepare_run(config: Config) -> PreparedRun:
 
 
 def build_model(run: PreparedRun, loss_fn: ClassificationLoss) -> nn.Module:
-    """The model to fine-tune, on the run's device: the checkpoint with the run's label map and
-    pooling, its classification layer fitted as a linear probe (--head_init probe; not when
-    resuming, where the checkpoint's weights replace it)."""
-    model = load_model_for_training(run.config.model_name_or_path, run.space, run.config.pooling).to(run.device)
+    """The model to fine-tune, on the run's device: the checkpoint with the run's label map, its
+    classification layer fitted as a linear probe (--head_init probe; not when resuming, where the
+    checkpoint's weights replace it)."""
+    model = load_model_for_training(run.config.model_name_or_path, run.space).to(run.device)
     if run.config.head_init == "probe" and not run.config.resume:
         print(initialize_head_from_probe(model, run, loss_fn))
     return model
@@ -1110,7 +1056,7 @@ def describe_data(run: PreparedRun) -> str:
     return (
         f"task {run.space.task}, {run.space.num_labels} labels ({rarest} to {most} training rows each); "
         f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}; "
-        f"{run.config.epochs} epochs, {run.config.pooling} pooling, head {run.config.head_init}"
+        f"{run.config.epochs} epochs, head {run.config.head_init}"
     )
 
 
@@ -1126,7 +1072,9 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file)."""
     if run.test_set is None:
         return None
-    model = load_trained_classifier(best_dir).to(run.device)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
     metrics, probs = evaluate(model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold)
     frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModelForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,14 +39,12 @@ import split_csv_script
 import trainer_classification
 from benchmarks.machine import cpu_description
 from configs import parse_config, resolve_embedded
-from modeling_mean_pooling import mean_pool
 from utility_functions import (
     PaddingCollator,
     compute_metrics,
     encode,
     load_data,
     load_tokenizer,
-    load_trained_classifier,
     predict_logits,
     probabilities,
     resolve_config,
@@ -54,7 +53,7 @@ from utility_functions import (
 SHARED = REPO.parent / "shared" / "data"
 MINILM = "embedded:all-MiniLM-L6-v2"
 PROBE_C = 100.0
-ABLATIONS = {"manual_cls": "--pooling=cls", "manual_random_head": "--head_init=random", "manual_epochs": "--min_steps=0"}
+ABLATIONS = {"random_head": "--head_init=random", "probe_c100": "--probe_c=100", "epochs_only": "--min_steps=0"}
 
 
 def protocol_args(name: str, directory: Path) -> list[str]:
@@ -91,7 +90,8 @@ def sentence_embeddings(texts: list[str], batch_size: int = 64) -> np.ndarray:
     chunks = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
-        pooled = mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (model(**batch).last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)  # mean of the real tokens
         chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
     return torch.cat(chunks).numpy()
 
@@ -119,7 +119,7 @@ def linear_probe(args: list[str]) -> dict[str, float]:
 def fine_tuned(script, args: list[str], directory: Path, name: str) -> dict[str, float]:
     space, _, test, config = data_of(args)
     result = script.main([*args, "--test_file=", f"--output_dir={directory}", f"--logging_dir={directory / 'runs'}", f"--run_name={name}"])
-    model = load_trained_classifier(result["run_dir"] / "best_model").eval()
+    model = AutoModelForSequenceClassification.from_pretrained(result["run_dir"] / "best_model", local_files_only=True).eval()
     tokenizer = load_tokenizer(str(result["run_dir"] / "best_model"))
     logits = predict_logits(model, encode(tokenizer, test, config.max_length), PaddingCollator(tokenizer.pad_token_id), 64, torch.device("cpu"))
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
@@ -134,8 +134,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="probe,manual,trainer",
-        help="Comma-separated: probe, manual, trainer, and the ablations manual_cls (--pooling cls), "
-        "manual_random_head (--head_init random), manual_epochs (--min_steps 0: only --epochs).",
+        help="Comma-separated: probe, manual, trainer, and the manual loop's ablations random_head "
+        "(--head_init random), probe_c100 (--probe_c 100), epochs_only (--min_steps 0: only --epochs).",
     )
     options = parser.parse_args()
     print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}", flush=True)

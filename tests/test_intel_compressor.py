@@ -25,7 +25,6 @@ from transformers import (
 import intel_compressor
 import intel_compressor_test
 from configs import Config
-from modeling_mean_pooling import MeanPoolingBertConfig, MeanPoolingBertForSequenceClassification
 from tests.conftest import FAST_TIMING, REPO, banking77_slice, shared_file
 from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
 
@@ -168,9 +167,6 @@ def test_edge_refuses_a_program_compiled_for_another_torch(banking_runs, tmp_pat
 
 LONG = intel_compressor.MATH_ATTENTION_MAX_TOKENS + 32  # max_length of the tiny models: both attention forms in reach
 TINY_ARCHITECTURES = {
-    "bert_mean_pooling": lambda vocab: MeanPoolingBertForSequenceClassification(MeanPoolingBertConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=LONG, num_labels=5)),  # what --pooling mean trains (MiniLM's default)
     "roberta": lambda vocab: RobertaForSequenceClassification(RobertaConfig(
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=LONG + 2, pad_token_id=0, num_labels=5)),  # positions start after the padding id
@@ -187,7 +183,7 @@ def short_and_long_texts(count: int) -> list[str]:
 
 
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
-def test_other_architectures_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
+def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
     """A random tiny model of each architecture goes through the static path (int8 embedding, INC
     PT2E, AOTInductor) and the edge runner; its logits stay close to fp32 eager on real texts, short
     ones and ones long enough for the program's other attention form."""
