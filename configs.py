@@ -70,8 +70,9 @@ class Config:
     )
     probe_c: float = _arg(
         0.01,
-        "Inverse L2 strength of that probe (scikit-learn's C, on standardised features). A small C keeps the head unsure on the training "
-        "texts, so fine-tuning still has a loss to learn from; a probe that fits them perfectly leaves it none.",
+        "Inverse L2 strength of that probe (scikit-learn's C, on standardised features). A small C keeps "
+        "the head unsure on the training texts, so fine-tuning still has a loss to learn from; a probe "
+        "that fits them perfectly leaves it none.",
     )
     reduce_ratio: float = _arg(1.0, "Use this fraction of each split (stratified, seeded) for quick runs.")
     valid_size: float = _arg(0.1, "Fraction of training data held out for validation when no validation_file.")

@@ -129,8 +129,9 @@ def build_trainer(run: PreparedRun, callbacks: list[TrainerCallback] | None = No
     """Model, loss, callbacks and Trainer for a prepared run (the tests use it directly)."""
     loss_fn = build_loss(run.space, run.train_data.targets, run.config)
     model = build_model(run, loss_fn)
-    if run.config.early_stopping_patience:
-        callbacks = [EarlyStoppingCallback(early_stopping_patience=run.config.early_stopping_patience), *(callbacks or [])]
+    patience = run.config.early_stopping_patience
+    if patience:
+        callbacks = [EarlyStoppingCallback(early_stopping_patience=patience), *(callbacks or [])]
     return ClassificationTrainer(
         model=model,
         args=training_arguments(run),

@@ -816,7 +816,9 @@ def run_in_length_order(
     return restored
 
 
-def predict_logits(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """Logits in dataset order."""
     return run_in_length_order(model, dataset, collator, batch_size, device, read=lambda output: output.logits)
 
@@ -882,11 +884,14 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     head = getattr(model, "classifier", None)
     head = getattr(head, "out_proj", head)
     if not isinstance(head, nn.Linear):
-        raise DataError(f"--head_init probe cannot find the classification layer of {type(model).__name__}; use --head_init random")
+        name = type(model).__name__
+        raise DataError(f"--head_init probe cannot find the classification layer of {name}; use --head_init random")
     return head
 
 
-def classifier_features(model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device) -> torch.Tensor:
+def classifier_features(
+    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """What the classification layer reads for each row (eval mode), in dataset order."""
     captured: list[torch.Tensor] = []
     hook = classifier_layer(model).register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
@@ -910,7 +915,9 @@ def fit_linear_probe(
     weight = torch.zeros(num_labels, features.shape[1], requires_grad=True)
     bias = torch.zeros(num_labels, requires_grad=True)
     penalty = 1.0 / (c * targets.numel())
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=1000, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], max_iter=1000, tolerance_grad=1e-6, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()

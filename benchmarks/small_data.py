@@ -59,7 +59,9 @@ ABLATIONS = {"random_head": "--head_init=random", "probe_c100": "--probe_c=100",
 def protocol_args(name: str, directory: Path) -> list[str]:
     """Data options of a protocol; --test_file is the file every variant is scored on."""
     if name == "nlupp":
-        train, test = split_csv_script.main([str(SHARED / "nlupp" / "banking.csv"), "--label_column=labels", f"--output_dir={directory}"])
+        train, test = split_csv_script.main(
+            [str(SHARED / "nlupp" / "banking.csv"), "--label_column=labels", f"--output_dir={directory}"]
+        )
         return [f"--train_file={train}", "--validation_file=", f"--test_file={test}", "--label_column=labels"]
     if name == "banking77_small":
         return ["--reduce_ratio=0.1"]
@@ -89,7 +91,9 @@ def sentence_embeddings(texts: list[str], batch_size: int = 64) -> np.ndarray:
     tokenizer, model = load_tokenizer(path), AutoModel.from_pretrained(path, local_files_only=True).eval()
     chunks = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"
+        )
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = (model(**batch).last_hidden_state * mask).sum(dim=1) / mask.sum(dim=1)  # mean of the real tokens
         chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
@@ -118,19 +122,41 @@ def linear_probe(args: list[str]) -> dict[str, float]:
 
 def fine_tuned(script, args: list[str], directory: Path, name: str) -> dict[str, float]:
     space, _, test, config = data_of(args)
-    result = script.main([*args, "--test_file=", f"--output_dir={directory}", f"--logging_dir={directory / 'runs'}", f"--run_name={name}"])
-    model = AutoModelForSequenceClassification.from_pretrained(result["run_dir"] / "best_model", local_files_only=True).eval()
+    result = script.main(
+        [
+            *args,
+            "--test_file=",
+            f"--output_dir={directory}",
+            f"--logging_dir={directory / 'runs'}",
+            f"--run_name={name}",
+        ]
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        result["run_dir"] / "best_model", local_files_only=True
+    ).eval()
     tokenizer = load_tokenizer(str(result["run_dir"] / "best_model"))
-    logits = predict_logits(model, encode(tokenizer, test, config.max_length), PaddingCollator(tokenizer.pad_token_id), 64, torch.device("cpu"))
+    logits = predict_logits(
+        model,
+        encode(tokenizer, test, config.max_length),
+        PaddingCollator(tokenizer.pad_token_id),
+        64,
+        torch.device("cpu"),
+    )
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
     history = json.loads((result["run_dir"] / "metrics.json").read_text())["history"]
     epochs = max(entry["epoch"] for entry in history)
-    return {**scores(space.task, probabilities(logits, space.task), test.targets, threshold), "seconds": result["train_seconds"], "epochs": epochs}
+    return {
+        **scores(space.task, probabilities(logits, space.task), test.targets, threshold),
+        "seconds": result["train_seconds"],
+        "epochs": epochs,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocols", default="nlupp,banking77_small", help="Comma-separated: nlupp, banking77_small, banking77_full.")
+    parser.add_argument(
+        "--protocols", default="nlupp,banking77_small", help="Comma-separated: nlupp, banking77_small, banking77_full."
+    )
     parser.add_argument(
         "--variants",
         default="probe,manual,trainer",
@@ -142,11 +168,20 @@ def main() -> None:
 
     variants = {
         "probe": ("linear probe (frozen MiniLM, LogisticRegression C=100)", lambda args, d, n: linear_probe(args)),
-        "manual": ("manual_classification.py, defaults", lambda args, d, n: fine_tuned(manual_classification, args, d, n)),
-        "trainer": ("trainer_classification.py, defaults", lambda args, d, n: fine_tuned(trainer_classification, args, d, n)),
+        "manual": (
+            "manual_classification.py, defaults",
+            lambda args, d, n: fine_tuned(manual_classification, args, d, n),
+        ),
+        "trainer": (
+            "trainer_classification.py, defaults",
+            lambda args, d, n: fine_tuned(trainer_classification, args, d, n),
+        ),
     }
     for key, flag in ABLATIONS.items():
-        variants[key] = (f"manual_classification.py {flag}", lambda args, d, n, flag=flag: fine_tuned(manual_classification, [*args, flag], d, n))
+        variants[key] = (
+            f"manual_classification.py {flag}",
+            lambda args, d, n, flag=flag: fine_tuned(manual_classification, [*args, flag], d, n),
+        )
     rows = []
     with tempfile.TemporaryDirectory(prefix="small-data-") as tmp:
         for protocol in options.protocols.split(","):
@@ -164,7 +199,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for protocol, key, n_train, n_test, m in rows:
         micro = f"{m['micro_f1']:.4f}" if "micro_f1" in m else "-"
-        print(f"| {protocol} | {key} | {n_train} | {n_test} | {m['accuracy']:.4f} | {micro} | {m['macro_f1']:.4f} | {m['epochs']} | {m['seconds']:.0f} |")
+        print(
+            f"| {protocol} | {key} | {n_train} | {n_test} | {m['accuracy']:.4f} | {micro} | {m['macro_f1']:.4f} | {m['epochs']} | {m['seconds']:.0f} |"
+        )
     print_targets(rows)
 
 
@@ -180,10 +217,14 @@ def print_targets(rows: list[tuple]) -> None:
             for key in ("manual", "trainer"):
                 if key in found:
                     margin = found[key][metric] - found["probe"][metric]
-                    print(f"{protocol}: {key} {metric} - probe = {margin * 100:+.1f} points (target >= +3.0): {'met' if margin >= 0.03 else 'MISSED'}")
+                    print(
+                        f"{protocol}: {key} {metric} - probe = {margin * 100:+.1f} points (target >= +3.0): {'met' if margin >= 0.03 else 'MISSED'}"
+                    )
         if "manual" in found and "trainer" in found:
             gap = abs(found["manual"][metric] - found["trainer"][metric])
-            print(f"{protocol}: |manual - trainer| {metric} = {gap * 100:.1f} points (target <= 1.0): {'met' if gap <= 0.01 else 'MISSED'}")
+            print(
+                f"{protocol}: |manual - trainer| {metric} = {gap * 100:.1f} points (target <= 1.0): {'met' if gap <= 0.01 else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,14 @@ def test_stopped_early_counts_validations_after_the_best():
 @pytest.mark.parametrize("script", [manual_classification, trainer_classification])
 def test_early_stopping_and_step_budget_in_both_scripts(script, tiny_bert_dir, banking_slice, tmp_path):
     train, test = banking_slice  # 200 rows: 25 batches of 8
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path), f"--train_file={train}", f"--test_file={test}",
-            "--min_steps=250", "--epochs=1", "--early_stopping_patience=2"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path),
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--min_steps=250",
+        "--epochs=1",
+        "--early_stopping_patience=2",
+    ]
     result = script.main(args)
     config = json.loads((result["run_dir"] / "config.json").read_text())
     assert config["epochs"] == 11  # ceil(250 / 23): 180 training rows are 23 batches of 8
@@ -58,8 +64,14 @@ def test_early_stopping_and_step_budget_in_both_scripts(script, tiny_bert_dir, b
 
 def test_probe_head_predicts_like_a_logistic_regression_before_training(minilm_path, banking_slice, tmp_path):
     train, _ = banking_slice
-    args = [f"--model_name_or_path={minilm_path}", f"--train_file={train}", "--validation_file=", "--test_file=",
-            f"--output_dir={tmp_path}", "--num_threads=2"]
+    args = [
+        f"--model_name_or_path={minilm_path}",
+        f"--train_file={train}",
+        "--validation_file=",
+        "--test_file=",
+        f"--output_dir={tmp_path}",
+        "--num_threads=2",
+    ]
     run = prepare_run(parse_config(args))
     model = build_model(run, build_loss(run.space, run.train_data.targets, run.config))
     features = classifier_features(model, run.train_set, run.collator, 32, run.device)

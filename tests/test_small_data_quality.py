@@ -16,14 +16,24 @@ def banking77_few_shot(directory, intents: int, shots: int) -> list[str]:
     train = pd.read_csv(shared_file("banking77/train.csv"))
     test = pd.read_csv(shared_file("banking77/test.csv"))
     kept = sorted(train["label"].unique())[:intents]
-    train[train["label"].isin(kept)].groupby("label").sample(n=shots, random_state=0).to_csv(directory / "train.csv", index=False)
+    train[train["label"].isin(kept)].groupby("label").sample(n=shots, random_state=0).to_csv(
+        directory / "train.csv", index=False
+    )
     test[test["label"].isin(kept)].to_csv(directory / "test.csv", index=False)
     return [f"--train_file={directory / 'train.csv'}", "--validation_file=", f"--test_file={directory / 'test.csv'}"]
 
 
 def nlupp_slice(directory, fraction: float) -> list[str]:
-    train, test = split_csv_script.main([str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={directory}"])
-    return [f"--train_file={train}", "--validation_file=", f"--test_file={test}", "--label_column=labels", f"--reduce_ratio={fraction}"]
+    train, test = split_csv_script.main(
+        [str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={directory}"]
+    )
+    return [
+        f"--train_file={train}",
+        "--validation_file=",
+        f"--test_file={test}",
+        "--label_column=labels",
+        f"--reduce_ratio={fraction}",
+    ]
 
 
 @pytest.mark.slow
