@@ -73,11 +73,15 @@ def test_probe_head_predicts_like_a_logistic_regression_before_training(minilm_p
         "--num_threads=2",
     ]
     run = prepare_run(parse_config(args))
-    model = build_model(run, build_loss(run.space, run.train_data.targets, run.config))
+    loss_fn = build_loss(run.space, run.train_data.targets, run.config)
+    model = build_model(run, loss_fn)
     features = classifier_features(model, run.train_set, run.collator, 32, run.device)
     logits = predict_logits(model, run.train_set, run.collator, 32, run.device)
     head = model.classifier
     torch.testing.assert_close(logits, features @ head.weight.T + head.bias, rtol=1e-4, atol=1e-4)
+    # The probe's training loss, pinned (CPU, torch 2.13.0); after an intended change, print it and paste.
+    probe_loss = loss_fn(logits, torch.as_tensor(run.train_data.targets))
+    torch.testing.assert_close(probe_loss.item(), 0.0728504, rtol=0, atol=1e-4)
 
     baseline = make_pipeline(StandardScaler(), LogisticRegression(C=run.config.probe_c, max_iter=5000))
     baseline.fit(features.numpy(), run.train_data.targets)
