@@ -80,6 +80,7 @@ def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> lis
         "--validation_file=",
         "--epochs=2",
         "--min_steps=0",  # exactly --epochs: the tests' slices are small enough to get more
+        "--head_init=random",  # a random tiny BERT's features give a probe nothing; test_small_data checks it on MiniLM
         "--batch_size=8",
         "--learning_rate=1e-2",  # a tiny random model needs a large step to learn in a few dozen
         "--max_length=64",

@@ -42,7 +42,7 @@ def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, t
     trainer.model.eval()  # no dropout: the two losses must agree to float precision
     assert trainer.model.config.num_labels == model.config.num_labels
     for (name, a), (_, b) in zip(model.state_dict().items(), trainer.model.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name  # same seed, same probe-fitted head
+        assert torch.equal(a, b), name  # same seed, same head initialisation
 
     batch = manual_run.collator([manual_run.train_set[i] for i in range(8)])
     manual_loss = loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
