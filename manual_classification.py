@@ -5,9 +5,10 @@
     python manual_classification.py --run_name reviews --resume     # continue an interrupted run
 
 Binary tasks train BCE-with-logits (pos_weight = negatives/positives), multi-class tasks
-cross-entropy, multi-label tasks per-label BCE on hard or soft (0..1) targets. The lower layers
-are frozen for the first epochs, the best checkpoint by validation metric is kept, and the
-run ends by testing that checkpoint. Outputs go to <output_dir>/<run_name>/, TensorBoard logs
+cross-entropy, multi-label tasks per-label BCE on hard or soft (0..1) targets. The head starts as
+a linear probe fitted on the frozen model's features (LP-FT), small data trains at least
+--min_steps optimizer steps, the lower layers are frozen for the first epochs, the best
+checkpoint by validation metric is kept, and the run ends by testing that checkpoint. Outputs go to <output_dir>/<run_name>/, TensorBoard logs
 to runs/<run_name>/. A training state is saved after every epoch (and every --eval_steps), so
 a resumed run continues exactly: same batches, same losses.
 """
