@@ -21,6 +21,7 @@ def test_minilm_beats_majority_on_held_out_imdb(minilm_path, tmp_path):
         "--valid_size=0.15",
         "--max_length=128",
         "--epochs=2",
+        "--min_steps=0",  # two epochs, as before the step budget existed
         "--learning_rate=1e-4",
         f"--output_dir={tmp_path / 'outputs'}",
         f"--logging_dir={tmp_path / 'runs'}",
