@@ -2,7 +2,8 @@
 
 Sections, top to bottom: errors and atomic writes, reading and checking data, label spaces
 and task detection, stratified sampling, tokenising and batching, model loading and layer
-freezing, losses, metrics, evaluation and prediction, run set-up and the end-of-run test.
+freezing, losses, metrics, evaluation and prediction, the head fitted as a linear probe
+(LP-FT), the training budget and early stopping, run set-up and the end-of-run test.
 """
 
 from __future__ import annotations
@@ -982,6 +983,11 @@ def resolve_config(config: Config) -> Config:
         test_file=resolve_embedded(config.test_file),
         run_name=config.run_name or time.strftime("%Y%m%d-%H%M%S"),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Training budget: epochs from --min_steps, early stopping
+# ---------------------------------------------------------------------------------------
 
 
 def planned_epochs(config: Config, train_rows: int) -> int:
