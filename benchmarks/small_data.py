@@ -71,7 +71,7 @@ def protocol_args(name: str, directory: Path) -> list[str]:
 
 
 def data_of(args: list[str]):
-    """(space, train, test) as the training scripts see them; the test file is never reduced."""
+    """(space, train, test, config) as the training scripts see them; the test file is never reduced."""
     config = resolve_config(parse_config(args))
     space, train, _, _ = load_data(config)
     test = load_data(dataclasses.replace(config, reduce_ratio=1.0))[3]
@@ -84,11 +84,16 @@ def scores(task: str, probs: np.ndarray, targets: np.ndarray, threshold: float) 
 
 
 @torch.no_grad()
-def sentence_embeddings(texts: list[str], batch_size: int = 64) -> np.ndarray:
+def sentence_embeddings(*splits: list[str], batch_size: int = 64) -> list[np.ndarray]:
+    """MiniLM sentence embeddings of each list of texts (the model is loaded once)."""
     from transformers import AutoModel
 
     path = resolve_embedded(MINILM)
     tokenizer, model = load_tokenizer(path), AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return [embed(tokenizer, model, texts, batch_size) for texts in splits]
+
+
+def embed(tokenizer, model, texts: list[str], batch_size: int) -> np.ndarray:
     chunks = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
@@ -106,7 +111,7 @@ def linear_probe(args: list[str]) -> dict[str, float]:
 
     space, train, test, _ = data_of(args)
     started = time.time()
-    x_train, x_test = sentence_embeddings(train.texts), sentence_embeddings(test.texts)
+    x_train, x_test = sentence_embeddings(train.texts, test.texts)
     if space.task == "multilabel":
         truth = train.targets >= 0.5
         seen = truth.any(axis=0)  # a label without training rows is never predicted
