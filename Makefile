@@ -10,10 +10,10 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install train quantize bench-quantization notebooks test test-slow lint clean
 
-$(VENV)/.installed: requirements.txt requirements-embedded.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -r requirements.txt
-	$(BIN)/python -m pip install --no-deps -r requirements-embedded.txt
+	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,8 +28,7 @@ quantize: install  ## int8 of the last trained model with INC; prints fp32 and i
 	@test -n "$(MODEL)" || { echo "error: no outputs/*/best_model: run make train first, or pass MODEL=..."; exit 2; }
 	$(BIN)/python intel_compressor.py --model $(MODEL) $(ARGS)
 
-bench-quantization: install  ## fp32, INC modes, torch.ao and ONNX Runtime on the test split of MODEL
-	$(BIN)/python -m pip install -r requirements-bench.txt
+bench-quantization: install  ## fp32, ONNX Runtime's own int8 and INC's on the test split of MODEL
 	$(BIN)/python benchmarks/quantization.py --model $(MODEL) $(ARGS)
 
 notebooks: install  ## open the analysis notebooks in JupyterLab (they read the runs under outputs/)

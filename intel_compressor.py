@@ -1,42 +1,54 @@
-"""Quantize a best-model directory to int8 with Intel Neural Compressor (INC 3.x), for CPUs.
+"""Quantize a best-model directory to int8 with Intel Neural Compressor, for CPUs at the edge.
 
-    python intel_compressor.py --model outputs/<run>/best_model                 # static int8 (default)
+    python intel_compressor.py --model outputs/<run>/best_model                 # static int8 ONNX (default)
     python intel_compressor.py --model outputs/<run>/best_model --mode auto --tolerance 0.5
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 "my card has not arrived"
 
-Modes (all keep any batch size and any sequence length up to max_length, without re-export):
-  static       INC's PT2E static quantization: int8 weights and activations, activation ranges
-               calibrated on --calibration_size training texts (stratified by label).
-  dynamic      INC's PT2E dynamic quantization: int8 weights, activation ranges computed per batch.
-  weight-only  INC's RTN int8 weights (per output channel); activations stay fp32.
+The default output is one ONNX file (model.onnx) that ONNX Runtime runs on any CPU it supports,
+x86 with or without AVX-512/VNNI and ARM alike, choosing its int8 kernels for the CPU at load
+time; the edge needs onnxruntime, tokenizers and numpy, not torch. How it is built:
+  1. export (input_ids, attention_mask) -> logits with dynamic batch and sequence length;
+  2. fuse with ONNX Runtime's transformer optimizer: each layer's attention becomes one Attention
+     op, residual + LayerNorm a SkipLayerNormalization, bias + GELU a BiasGelu (report: fusions);
+  3. quantize with INC's ONNX Runtime backend (onnx-neural-compressor), mode by mode:
+  static       int8 weights and activations (QOperator ops: QAttention, QLinearMatMul, ...), activation
+               ranges calibrated on --calibration_size training texts (stratified by label).
+  dynamic      int8 weights, activation ranges computed per batch (DynamicQuantizeLinear).
+  weight-only  INC's RTN 4-bit weights (groups of 32, MatMulNBits) of the feed-forward and output
+               projections; activations and attention weights stay fp32.
   auto         tries the three and keeps the fastest whose validation metric is within --tolerance
                points of fp32; if none is, static with the classifier head kept in fp32.
+Every mode also stores the embedding tables (a third of MiniLM's weights) as int8.
 
-Every mode also stores the word-embedding table (half of MiniLM's weights) as per-row int8:
-the torch quantizers leave embeddings in fp32. The quantized program is then compiled ahead of
-time by AOTInductor, with weight freezing, into one shared library (model.so) that the edge
-script loads without transformers or a compiler. Without that compile step the int8 graph only
-simulates int8 and runs slower than fp32. Inside the program, attention is a plain matmul-softmax-
-matmul up to MATH_ATTENTION_MAX_TOKENS tokens and SDPA's flash kernel beyond (one program, both).
+--format aoti keeps the older artifact: INC 3.x PT2E quantization compiled ahead of time by
+AOTInductor into model.so, for the CPU it is built on (AVX-512 code only runs on AVX-512 CPUs;
+the edge refuses a mismatch) and the exact torch wheel, which the edge must install. It is only
+worth it for bulk scoring at batch 32 on CPUs with AVX-512 VNNI (README: Quantize for CPUs).
 
 The calibration texts and the validation split are the training run's own (best_model/
 training_config.json, same split and seed); --train_file / --validation_file override them.
-Writes <model>-int8/ (or --output) atomically: model.so, tokenizer.json, edge_config.json and
-quantization_report.json, which holds fp32 and int8 figures side by side.
+Writes <model>-int8/ (or --output) atomically: the model, tokenizer.json, edge_config.json and
+quantization_report.json, which holds fp32, ONNX Runtime's own int8 (quantize_dynamic, the tool a
+user would otherwise pick) and INC int8 side by side, measured in this process in turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import platform
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -47,7 +59,17 @@ import torch
 from torch import nn
 
 from configs import Config
-from intel_compressor_test import EDGE_CONFIG, PROGRAM, EdgeClassifier, load_classifier, pad
+from intel_compressor_test import (
+    EDGE_CONFIG,
+    FORMATS,
+    MODEL_FILES,
+    EdgeClassifier,
+    cpu_description,
+    load_classifier,
+    onnx_forward,
+    pad,
+    required_cpu_flags,
+)
 from utility_functions import (
     DataError,
     LabeledData,
@@ -64,27 +86,29 @@ from utility_functions import (
 )
 
 MODES = ("static", "dynamic", "weight-only")
-# Architectures whose export, int8 compile and edge run are checked by the tests (BERT covers MiniLM
-# and the BERT-base family; RoBERTa derives position ids from the padding); others may work but are
-# refused until checked.
+# Architectures whose export, int8 quantization and edge run are checked by the tests (BERT covers
+# MiniLM and the BERT-base family; RoBERTa derives position ids from the padding); others may work
+# but are refused until checked.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert")
-MAX_BATCH = 1024  # largest batch the compiled program accepts
+MAX_BATCH = 1024  # largest batch the compiled program (--format aoti) accepts
+ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory written by either training script.")
     parser.add_argument("--output", default="", help="Where to write the int8 model (default: <model>-int8 beside it).")
+    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx: portable, ONNX Runtime (default); aoti: compiled for this CPU and torch.")
     parser.add_argument("--mode", default="static", choices=[*MODES, "auto"], help="Quantization mode (default static).")
     parser.add_argument("--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points (default 0.5).")
     parser.add_argument("--calibration_size", type=int, default=1000, help="Training texts that calibrate activation ranges (default 1000).")
     parser.add_argument("--train_file", default="", help="Calibration data (default: the run's train_file).")
     parser.add_argument("--validation_file", default=None, help="Accuracy-check data (default: the run's validation split).")
     parser.add_argument("--max_validation_rows", type=int, default=0, help="Evaluate on a stratified sample of this many rows; 0 = all (default 0).")
-    parser.add_argument("--timing_texts", type=int, default=256, help="Validation texts per batch-32 throughput round (default 256).")
+    parser.add_argument("--timing_texts", type=int, default=1000, help="Validation texts per batch-32 throughput round (default 1000).")
     parser.add_argument("--latency_texts", type=int, default=50, help="Validation texts timed one by one for batch-1 latency (default 50).")
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of evaluation and throughput (default 32).")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps torch's default (default 0).")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps the libraries' defaults, one per core (default 0).")
     return parser
 
 
@@ -94,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_inc() -> None:
-    """INC logs every pass at INFO; its logger is set up when INC is first imported."""
+    """INC logs every pass at INFO (its loggers are set up when it is first imported); so does ONNX
+    Runtime's transformer optimizer."""
     import neural_compressor.torch  # noqa: F401
+    import onnx_neural_compressor.logger  # noqa: F401
 
-    logging.getLogger("neural_compressor").setLevel(logging.ERROR)
+    for name in ("neural_compressor", "onnx_neural_compressor", "onnxruntime.transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def check_model_directory(directory: Path) -> dict[str, Any]:
@@ -151,12 +178,12 @@ def check_labels(model_config: dict[str, Any], labels: list[str], directory: Pat
 
 
 # ---------------------------------------------------------------------------------------
-# Quantization
+# ONNX (--format onnx): export, fuse, quantize with onnx-neural-compressor
 # ---------------------------------------------------------------------------------------
 
 
 class Logits(nn.Module):
-    """(input_ids, attention_mask) -> logits: the plain-tensor signature that is exported and compiled."""
+    """(input_ids, attention_mask) -> logits: the plain-tensor signature that is exported."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -164,6 +191,104 @@ class Logits(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def load_hf_model(directory: Path, attention: str | None = None) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, attn_implementation=attention).eval()
+
+
+def export_onnx(source: Path, example: tuple[torch.Tensor, torch.Tensor], target: Path) -> None:
+    """fp32 ONNX with dynamic batch and sequence dims. Eager attention through the TorchScript
+    exporter gives the MatMul-Softmax-MatMul pattern that ONNX Runtime's optimizer fuses into
+    Attention ops; the torch.export-based exporter's graph (SDPA with a where-masked softmax) got
+    no Attention fusion here, and the fused graph is 20-30% faster at int8. The example batch must
+    hold padding, or tracing drops the mask."""
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated (and chatty about tracing), not removed
+        torch.onnx.export(
+            Logits(load_hf_model(source, "eager")).eval(), example, str(target), input_names=list(ONNX_INPUTS),
+            output_names=["logits"], dynamic_axes=axes, dynamo=False,
+        )  # fmt: skip
+
+
+def fuse_transformer_ops(source: Path, target: Path, model_config: dict[str, Any]) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer on the exported graph; the fused-op counts. The
+    embedding fusion stays off: onnx-neural-compressor 1.0 drops its input casts (invalid graph)."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = False
+    heads = model_config.get("num_attention_heads") or model_config.get("n_heads") or 0
+    hidden = model_config.get("hidden_size") or model_config.get("dim") or 0
+    fused = optimizer.optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden, optimization_options=options)
+    fused.save_model_to_file(str(target))
+    return {name: count for name, count in fused.get_fused_operator_statistics().items() if count}
+
+
+class CalibrationBatches:
+    """The calibration texts as ONNX Runtime feeds, batch by batch (INC's CalibrationDataReader protocol)."""
+
+    def __init__(self, batches: list[tuple[np.ndarray, np.ndarray]]):
+        self.feeds = [dict(zip(ONNX_INPUTS, batch)) for batch in batches]
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        self.position += 1
+        return self.feeds[self.position - 1] if self.position <= len(self.feeds) else None
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def onnx_head_nodes(path: Path, head_layers: list[str]) -> list[str]:
+    """ONNX nodes of the head layers: the exporter names a node after its module path."""
+    import onnx
+
+    prefixes = tuple("/" + name.replace(".", "/") + "/" for name in head_layers)
+    return [node.name for node in onnx.load(str(path), load_external_data=False).graph.node if node.name.startswith(prefixes)]
+
+
+def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], fp32_nodes: list[str], target: Path) -> None:
+    """One INC int8 model from the fused fp32 graph, written as a single self-contained file."""
+    import onnx
+    import onnxruntime
+    from onnx_neural_compressor.quantization import config as inc
+    from onnx_neural_compressor.quantization import quantize
+    from onnx_neural_compressor.quantization.algorithm_entry import rtn_quantize_entry
+
+    keep_graph = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized; ORT's passes would undo the fusions
+    with tempfile.TemporaryDirectory() as scratch:  # INC writes external-data files beside its output and will not overwrite them
+        output = Path(scratch) / "model.onnx"
+        if mode == "weight-only":
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress bar
+                rtn = rtn_quantize_entry(onnx.load(str(fused)), inc.RTNConfig(weight_bits=4, weight_group_size=32))
+            onnx.save(rtn, str(Path(scratch) / "rtn.onnx"))  # ONNX Runtime packs 4 bits natively (MatMulNBits); INC's 8-bit RTN only rounds fp32 weights
+            quantize(str(Path(scratch) / "rtn.onnx"), str(output), inc.DynamicQuantConfig(op_types_to_quantize=["Gather"]), keep_graph)
+        elif mode == "static":
+            # MatMul outputs stay fp32 (MatMulIntegerToFloat): re-quantizing them cost accuracy (../shared/notes)
+            options = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
+            config = inc.StaticQuantConfig(CalibrationBatches(batches), nodes_to_exclude=fp32_nodes, extra_options=options)
+            quantize(str(fused), str(output), config, keep_graph)
+        else:
+            quantize(str(fused), str(output), inc.DynamicQuantConfig(nodes_to_exclude=fp32_nodes), keep_graph)
+        onnx.save(onnx.load(str(output)), str(target))
+
+
+def int8_op_counts(path: Path) -> dict[str, int]:
+    """How many ops of the int8 graph run quantized (their names say so)."""
+    import onnx
+
+    ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return {op: n for op, n in sorted(ops.items()) if op.startswith(("Q", "MatMulInteger", "DynamicQuantize", "MatMulNBits", "Dequantize"))}
+
+
+# ---------------------------------------------------------------------------------------
+# AOTInductor program (--format aoti): INC 3.x PT2E, compiled for this CPU and torch
+# ---------------------------------------------------------------------------------------
 
 
 class Int8Embedding(nn.Module):
@@ -193,12 +318,6 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
         return out if self.bias is None else out + self.bias
-
-
-def load_hf_model(directory: Path, attention: str | None = None) -> nn.Module:
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, attn_implementation=attention).eval()
 
 
 # Up to this many tokens the compiled program computes attention as matmul, softmax, matmul; beyond
@@ -326,25 +445,64 @@ class Variant:
         return self.mode + (" (fp32 head)" if self.fp32_layers else "")
 
 
-def torch_batch(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids, mask = pad(rows, pad_token_id)
-    return torch.from_numpy(input_ids), torch.from_numpy(mask)
+@dataclass
+class Exports:
+    """The fp32 ONNX graphs, built once per run: `plain` as a user gets it from torch.onnx.export's
+    defaults (ONNX Runtime's own int8, the peer, starts there), `fused` as exported and fused here
+    (INC starts there)."""
+
+    plain: Path
+    fused: Path
+    fusions: dict[str, int]
 
 
-def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: list[str], staging_root: Path, fp32_layers: list[str] | None = None) -> Variant:
-    """Quantize, compile and write one int8 directory (not yet the final output)."""
-    started = time.perf_counter()
+def export_graphs(source: Path, fp32: EdgeClassifier, model_config: dict[str, Any], scratch: Path) -> Exports:
+    example = tuple(torch.from_numpy(a) for a in pad(fp32.token_ids(["an example", "a slightly longer example text"]), fp32.pad_token_id))
+    plain, exported, fused = scratch / "fp32.onnx", scratch / "fp32-eager.onnx", scratch / "fp32-fused.onnx"
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter reports its steps on stdout
+        torch.onnx.export(
+            Logits(load_hf_model(source)).eval(), example, str(plain), input_names=list(ONNX_INPUTS), output_names=["logits"],
+            external_data=False, dynamic_shapes=dynamic_shapes(fp32.max_length),
+        )  # fmt: skip
+    export_onnx(source, example, exported)
+    return Exports(plain, fused, fuse_transformer_ops(exported, fused, model_config))
+
+
+def build_program(source: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], max_length: int, fp32_layers: list[str], target: Path) -> None:
+    """--format aoti: INC 3.x PT2E (or RTN) on the model with an int8 embedding table, compiled by AOTInductor."""
     module = load_for_int8_program(source)
-    batches = [torch_batch(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
-    fp32_layers = head_layer_names(module) if fp32_layers is None else fp32_layers
+    tensors = [tuple(torch.from_numpy(a) for a in batch) for batch in batches]
     if mode == "weight-only":
         quantized = quantize_weight_only(module)
     else:
-        quantized = quantize_pt2e(module, mode, batches, fp32.max_length, fp32_layers)
+        quantized = quantize_pt2e(module, mode, tensors, max_length, fp32_layers)
+    compile_program(quantized, tensors[0], max_length, target, freeze=mode != "weight-only")
+
+
+def build_variant(
+    source: Path, fmt: str, mode: str, fp32: EdgeClassifier, batches: list[tuple[np.ndarray, np.ndarray]], exports: Exports,
+    staging_root: Path, fp32_layers: list[str],
+) -> Variant:  # fmt: skip
+    """Quantize and write one int8 directory (not yet the final output)."""
+    started = time.perf_counter()
     directory = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{mode}-"))
-    compile_program(quantized, batches[0], fp32.max_length, directory / PROGRAM, freeze=mode != "weight-only")
+    if fmt == "onnx":
+        nodes = onnx_head_nodes(exports.fused, fp32_layers)
+        quantize_onnx(exports.fused, mode, batches, nodes, directory / MODEL_FILES[fmt])
+        runtime = {"onnxruntime_version": version("onnxruntime")}
+    else:
+        build_program(source, mode, batches, fp32.max_length, fp32_layers, directory / MODEL_FILES[fmt])
+        capability = torch.backends.cpu.get_cpu_capability()
+        # the edge compares these with its installed wheel and its CPU, without importing torch
+        runtime = {
+            "torch_version": version("torch"),
+            "machine": platform.machine(),
+            "cpu_capability": capability,
+            "cpu_flags": required_cpu_flags(capability),
+        }
     shutil.copy(source / "tokenizer.json", directory / "tokenizer.json")
     write_json(directory / EDGE_CONFIG, {
+        "format": fmt,
         "mode": mode,
         "fp32_layers": fp32_layers,
         "labels": fp32.labels,
@@ -352,15 +510,32 @@ def build_variant(source: Path, mode: str, fp32: EdgeClassifier, calibration: li
         "threshold": fp32.threshold,
         "max_length": fp32.max_length,
         "pad_token_id": fp32.pad_token_id,
-        "torch_version": version("torch"),  # the edge compares it with its installed wheel, without importing torch
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **runtime,
         "source": str(source),
-    })
+    })  # fmt: skip
     return Variant(mode, directory, fp32_layers, time.perf_counter() - started)
 
 
+def onnxruntime_peers(exports: Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int) -> dict[str, tuple[EdgeClassifier, int]]:
+    """What a user gets without INC, with ONNX Runtime's default options: the plain export in fp32,
+    and ONNX Runtime's own `quantize_dynamic` int8 of it. Each with its size on disk."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = scratch / "onnxruntime-int8.onnx"
+    logging.disable(logging.WARNING)  # it advises pre-processing on the root logger, for every model
+    try:
+        quantize_dynamic(str(exports.plain), str(int8), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    tokenizer_size = (source / "tokenizer.json").stat().st_size
+    return {
+        name: (dataclasses.replace(fp32, forward=onnx_forward(path, threads), kind=name), path.stat().st_size + tokenizer_size)
+        for name, path in [("onnxruntime fp32", exports.plain), ("onnxruntime quantize_dynamic int8", int8)]
+    }
+
+
 # ---------------------------------------------------------------------------------------
-# Accuracy and speed, fp32 and int8 side by side
+# Accuracy and speed, side by side
 # ---------------------------------------------------------------------------------------
 
 
@@ -377,22 +552,25 @@ def agreement(classifier: EdgeClassifier, a: np.ndarray, b: np.ndarray) -> float
 
 
 def measure_speed(models: dict[str, EdgeClassifier], texts: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Batch-1 latency (p50, p95) and batch-32 throughput of every model on the same validation
-    texts, interleaved model by model so that machine noise hits all of them alike."""
+    """Batch-1 latency (p50, p95) and batch-32 throughput of every model on the same validation texts.
+    Each model is timed over a whole block of texts at a time, and the order of the models reverses
+    from round to round: machine noise hits all of them alike, and the threads ONNX Runtime keeps
+    spinning after a call (its default) cannot slow another model in the middle of its block."""
     for model in models.values():  # warm-up: first calls allocate and page in the weights
         model.probabilities(texts[: args.batch_size], args.batch_size)
     latencies: dict[str, list[float]] = {name: [] for name in models}
-    for text in texts[: args.latency_texts]:
-        for name, model in models.items():
-            started = time.perf_counter()
-            model.probabilities([text], 1)
-            latencies[name].append(time.perf_counter() - started)
     rates: dict[str, list[float]] = {name: [] for name in models}
     timed = texts[: args.timing_texts]
-    for _ in range(3):
-        for name, model in models.items():
+    for round_ in range(3):
+        order = list(models) if round_ % 2 == 0 else list(reversed(models))
+        for name in order:
+            for text in texts[: args.latency_texts]:
+                started = time.perf_counter()
+                models[name].probabilities([text], 1)
+                latencies[name].append(time.perf_counter() - started)
+        for name in order:
             started = time.perf_counter()
-            model.probabilities(timed, args.batch_size)
+            models[name].probabilities(timed, args.batch_size)
             rates[name].append(len(timed) / (time.perf_counter() - started))
     return {
         name: {
@@ -416,7 +594,11 @@ def throughput_key(figures: dict[str, float]) -> str:
 def choose(variants: list[Variant], speed: dict[str, dict[str, float]], fp32_value: float, metric: str, tolerance: float) -> Variant | None:
     """The fastest variant (batch-32 throughput) within the tolerance, or None."""
     passing = [v for v in variants if within_tolerance(v, fp32_value, metric, tolerance)]
-    return max(passing, key=lambda v: speed[v.name][throughput_key(speed[v.name])], default=None)
+    return max(passing, key=lambda v: speed[inc_name(v)][throughput_key(speed[inc_name(v)])], default=None)
+
+
+def inc_name(variant: Variant) -> str:
+    return f"INC {variant.name}"
 
 
 def directory_size(directory: Path) -> int:
@@ -425,11 +607,11 @@ def directory_size(directory: Path) -> int:
 
 def comparison_table(rows: dict[str, dict[str, float]], metric: str) -> str:
     """Markdown table, one row per model."""
-    columns = ["accuracy", metric, "latency_batch1_p50_ms", "latency_batch1_p95_ms", throughput_key(next(iter(rows.values()))), "size_mb"]
-    columns = list(dict.fromkeys(columns))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    figures = ["latency_batch1_p50_ms", "latency_batch1_p95_ms", throughput_key(next(iter(rows.values()))), "size_mb"]
+    scores = list(dict.fromkeys(["accuracy", metric, "agreement"]))
+    lines = ["| model | " + " | ".join(scores + figures) + " |", "|---" * (len(scores) + len(figures) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" if c in ("accuracy", metric) else f"{row[c]:.1f}" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join([f"{row[c]:.4f}" for c in scores] + [f"{row[c]:.1f}" for c in figures]) + " |")
     return "\n".join(lines)
 
 
@@ -438,8 +620,8 @@ def comparison_table(rows: dict[str, dict[str, float]], metric: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def evaluate_variant(variant: Variant, valid: LabeledData, task: str, batch_size: int) -> None:
-    variant.classifier = load_classifier(variant.directory)
+def evaluate_variant(variant: Variant, valid: LabeledData, task: str, batch_size: int, threads: int) -> None:
+    variant.classifier = load_classifier(variant.directory, threads)
     variant.metrics, variant.probs = validation_metrics(variant.classifier, valid, task, batch_size)
 
 
@@ -460,62 +642,85 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     metric = config.metric_for_best_model if config.metric_for_best_model != "loss" else "macro_f1"
 
     fp32 = load_classifier(source)
+    batches = [pad(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
     fp32_metrics, fp32_probs = validation_metrics(fp32, valid, space.task, args.batch_size)
     print(f"fp32: validation {metric} {fp32_metrics[metric]:.4f} on {len(valid)} rows; calibrating on {len(calibration)} training texts")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging_root = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
-        variants = []
-        for mode in MODES if args.mode == "auto" else [args.mode]:
-            variant = build_variant(source, mode, fp32, calibration, staging_root, fp32_layers=[])
-            evaluate_variant(variant, valid, space.task, args.batch_size)
-            print(f"{variant.name}: built in {variant.seconds:.0f} s, validation {metric} {variant.metrics[metric]:.4f}")
-            variants.append(variant)
-        speed = measure_speed({"fp32": fp32, **{v.name: v.classifier for v in variants}}, valid.texts, args)
-        chosen = choose(variants, speed, fp32_metrics[metric], metric, args.tolerance) if args.mode == "auto" else variants[0]
-        if chosen is None:
+        exports = export_graphs(source, fp32, model_config, staging_root)
+        print("fused ops of the fp32 graph: " + (", ".join(f"{n} {op}" for op, n in exports.fusions.items()) or "none"))
+
+        def build(mode: str, fp32_layers: list[str]) -> Variant:
+            variant = build_variant(source, args.format, mode, fp32, batches, exports, staging_root, fp32_layers)
+            evaluate_variant(variant, valid, space.task, args.batch_size, args.num_threads)
+            print(f"INC {variant.name}: built in {variant.seconds:.0f} s, validation {metric} {variant.metrics[metric]:.4f}")
+            return variant
+
+        variants = [build(mode, []) for mode in (MODES if args.mode == "auto" else [args.mode])]
+        if args.mode == "auto" and not any(within_tolerance(v, fp32_metrics[metric], metric, args.tolerance) for v in variants):
             print(f"no full-int8 variant within {args.tolerance} points of fp32 {metric}; keeping the head layers in fp32")
-            fallback = build_variant(source, "static", fp32, calibration, staging_root)
-            evaluate_variant(fallback, valid, space.task, args.batch_size)
-            variants.append(fallback)
-            speed = measure_speed({"fp32": fp32, **{v.name: v.classifier for v in variants}}, valid.texts, args)
-            chosen = choose([fallback], speed, fp32_metrics[metric], metric, args.tolerance)
+            variants.append(build("static", head_layer_names(Logits(load_hf_model(source)))))
+        peers = onnxruntime_peers(exports, fp32, source, staging_root, args.num_threads)
+        models = {"torch fp32 eager": fp32, **{name: model for name, (model, _) in peers.items()}, **{inc_name(v): v.classifier for v in variants}}
+        speed = measure_speed(models, valid.texts, args)
+        if args.mode == "auto":
+            chosen = choose(variants, speed, fp32_metrics[metric], metric, args.tolerance)
             if chosen is None:
                 raise DataError(
                     f"--mode auto: no int8 variant stays within {args.tolerance} points of fp32 {metric} "
                     f"{fp32_metrics[metric]:.4f} (best: {max(v.metrics[metric] for v in variants):.4f}); raise --tolerance or --calibration_size"
                 )
-        rows = {"fp32": {**fp32_metrics, **speed["fp32"], "size_mb": directory_size(source) / 2**20}}
-        for v in variants:
-            rows[v.name] = {**v.metrics, **speed[v.name], "size_mb": directory_size(v.directory) / 2**20}
+        else:
+            chosen = variants[0]
+        probs = {"torch fp32 eager": fp32_probs, **{inc_name(v): v.probs for v in variants}}
+        sizes = {"torch fp32 eager": directory_size(source), **{name: size for name, (_, size) in peers.items()}, **{inc_name(v): directory_size(v.directory) for v in variants}}
+        for name, (model, _) in peers.items():
+            probs[name] = validation_metrics(model, valid, space.task, args.batch_size)[1]
+        rows = {
+            name: {
+                **compute_metrics(space.task, probs[name], valid.targets, fp32.threshold),
+                "agreement": agreement(fp32, fp32_probs, probs[name]),
+                **speed[name],
+                "size_mb": sizes[name] / 2**20,
+            }
+            for name in models
+        }
         report = {
+            "format": args.format,
             "mode": chosen.mode,
             "fp32_layers": chosen.fp32_layers,
-            "inc_version": version("neural-compressor-pt"),
+            "inc_version": version("onnx-neural-compressor" if args.format == "onnx" else "neural-compressor-pt"),
+            "onnxruntime_version": version("onnxruntime"),
             "torch_version": torch.__version__,
             "source": str(source),
             "metric": metric,
             "tolerance_points": args.tolerance,
             "within_tolerance": within_tolerance(chosen, fp32_metrics[metric], metric, args.tolerance),
-            "fp32": rows["fp32"],
-            "int8": rows[chosen.name],
-            "agreement": agreement(fp32, fp32_probs, chosen.probs),
-            "size_bytes": {"fp32": directory_size(source), "int8": directory_size(chosen.directory)},
-            "size_ratio": directory_size(chosen.directory) / directory_size(source),
-            "candidates": {v.name: {**rows[v.name], "agreement": agreement(fp32, fp32_probs, v.probs), "build_seconds": v.seconds} for v in variants},
+            "fp32": rows["torch fp32 eager"],
+            "int8": rows[inc_name(chosen)],
+            "peers": {name: rows[name] for name in peers},
+            "agreement": rows[inc_name(chosen)]["agreement"],
+            "size_bytes": {"fp32": sizes["torch fp32 eager"], "int8": sizes[inc_name(chosen)]},
+            "size_ratio": sizes[inc_name(chosen)] / sizes["torch fp32 eager"],
+            "candidates": {v.name: {**rows[inc_name(v)], "build_seconds": v.seconds} for v in variants},
+            "graph_fusions": exports.fusions,
             "calibration_texts": len(calibration),
             "validation_rows": len(valid),
-            "num_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "num_threads": args.num_threads or os.cpu_count(),
+            "cpu": cpu_description(),
         }
+        if args.format == "onnx":
+            report["int8_ops"] = int8_op_counts(chosen.directory / MODEL_FILES["onnx"])
         report["seconds"] = time.perf_counter() - started
         write_json(chosen.directory / "quantization_report.json", report)
         os.chmod(chosen.directory, 0o755)
         replace_directory(chosen.directory, output)
     finally:
         shutil.rmtree(staging_root, ignore_errors=True)
+    print(f"{len(valid)} validation texts, {report['num_threads']} threads; {report['cpu']}")
     print(comparison_table(rows, metric))
-    print(f"kept {chosen.name}: agreement with fp32 {report['agreement']:.4f}, size {report['size_ratio']:.0%} of fp32; wrote {output}")
+    print(f"kept INC {args.format} {chosen.name}: agreement with fp32 {report['agreement']:.4f}, size {report['size_ratio']:.0%} of fp32; wrote {output}")
     return report
 
 

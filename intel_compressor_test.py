@@ -3,13 +3,15 @@
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 "my card has not arrived" "top up failed"
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 --input new.csv --output preds.csv
 
-An int8 directory written by intel_compressor.py holds one ahead-of-time compiled program (model.so,
-int8 weights inside), tokenizer.json and edge_config.json (labels, task, threshold, max_length).
-It runs with numpy, tokenizers, tqdm and the C++ library of the torch wheel (libtorch_cpu.so), which
-model.so calls into: the program is loaded and run through AOTInductor's C interface with ctypes, so
-the torch Python package is never imported (its import alone takes 2 s on a small CPU) and nothing
-is compiled. A best-model directory from a training script (fp32, Hugging Face format) is accepted
-too, so the two can be compared; that path imports torch and transformers.
+An int8 directory written by intel_compressor.py holds the model (model.onnx, int8, run by ONNX
+Runtime on any CPU it supports; or, with --format aoti, model.so compiled for one CPU family and
+torch version), tokenizer.json and edge_config.json (labels, task, threshold, max_length).
+The ONNX model needs onnxruntime, tokenizers and numpy (requirements-edge.txt): no torch, no
+transformers, nothing compiled. model.so runs on the C++ library of the torch wheel
+(libtorch_cpu.so) through AOTInductor's C interface with ctypes, so the torch Python package is not
+imported either; it is refused on a CPU that lacks the instructions it was compiled with. A
+best-model directory from a training script (fp32, Hugging Face format) is accepted too, so the
+two can be compared; that path imports torch and transformers.
 
 Texts are batched by length (little padding). A CSV is streamed in chunks of --chunk_rows rows,
 so memory stays flat however large the file is; the output is written to a temporary file and
@@ -24,6 +26,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -36,7 +39,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 EDGE_CONFIG = "edge_config.json"
-PROGRAM = "model.so"
+FORMATS = ("onnx", "aoti")
+MODEL_FILES = {"onnx": "model.onnx", "aoti": "model.so"}
+ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
 class EdgeError(ValueError):
@@ -94,6 +99,91 @@ def pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarra
         input_ids[i, : len(row)] = row
         mask[i, : len(row)] = 1
     return input_ids, mask
+
+
+# ---------------------------------------------------------------------------------------
+# The ONNX model, on ONNX Runtime
+# ---------------------------------------------------------------------------------------
+
+
+def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The forward function of an EdgeClassifier for an ONNX model with inputs (input_ids,
+    attention_mask) and logits as its first output. threads 0: ONNX Runtime's default."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidArgument,
+        InvalidGraph,
+        InvalidProtobuf,
+        NoSuchFile,
+    )
+
+    options = onnxruntime.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EdgeError(f"{path}: not a loadable ONNX model ({reason})") from None
+    inputs = sorted(i.name for i in session.get_inputs())
+    if inputs != sorted(ONNX_INPUTS):
+        raise EdgeError(f"{path}: not a model from intel_compressor.py (inputs {', '.join(inputs)}; expected {', '.join(ONNX_INPUTS)})")
+
+    def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    return forward
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU: what a compiled program needs, and what a benchmark reports
+# ---------------------------------------------------------------------------------------
+
+# The instructions AOTInductor may emit for each of torch's CPU capabilities (its vectorised code is
+# built with these -m flags); oneDNN's int8 kernels inside libtorch pick theirs at run time.
+CAPABILITY_FLAGS = {"AVX512": ["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"], "AVX2": ["avx2", "fma"]}
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "neon", "asimd")
+
+
+def required_cpu_flags(capability: str) -> list[str]:
+    return CAPABILITY_FLAGS.get(capability, [])
+
+
+def cpu_info() -> tuple[str, int, set[str]]:
+    """(model name, CPU count, flags) from /proc/cpuinfo (Linux; elsewhere the platform's name only)."""
+    model, flags, cpus = platform.processor() or platform.machine(), set(), 0
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            cpus += 1
+        elif key in ("model name", "Model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags = set(value.split())
+    return model, cpus, flags
+
+
+def cpu_description() -> str:
+    """'AMD EPYC 9R14, 2 CPUs; vector extensions: avx2 avx512f avx512_vnni': printed beside every
+    speed figure, since speed and even int8 accuracy depend on it."""
+    model, cpus, flags = cpu_info()
+    vectors = " ".join(flag for flag in VECTOR_FLAGS if flag in flags) or "none of " + ", ".join(VECTOR_FLAGS)
+    return f"{model}, {cpus} CPUs; vector extensions: {vectors}"
+
+
+def check_cpu(directory: Path, config: dict) -> None:
+    """Refuse, in one line, a program compiled for instructions this CPU lacks (it would die on an
+    illegal instruction)."""
+    machine, missing = platform.machine(), sorted(set(config["cpu_flags"]) - cpu_info()[2])
+    if config["machine"] != machine or missing:
+        lacks = f"a {machine} CPU" if config["machine"] != machine else "a CPU without " + " ".join(missing)
+        raise EdgeError(
+            f"{directory}: {MODEL_FILES['aoti']} was compiled for {config['machine']} {config['cpu_capability']}, this is {lacks}; "
+            "use the portable --format onnx model, or run intel_compressor.py on this machine"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,15 +290,25 @@ def load_tokenizer(directory: Path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def load_int8(directory: Path) -> EdgeClassifier:
-    config = read_json(directory / EDGE_CONFIG)
+def load_program(directory: Path, config: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    check_cpu(directory, config)
     installed = version("torch") if importlib.util.find_spec("torch") else "none"
     if config["torch_version"] != installed:
         raise EdgeError(
             f"{directory}: compiled for torch {config['torch_version']}, the installed torch is {installed}; "
             "install that version or re-run intel_compressor.py here"
         )
-    program = CompiledProgram(directory / PROGRAM)
+    return CompiledProgram(directory / MODEL_FILES["aoti"])
+
+
+def load_int8(directory: Path, threads: int) -> EdgeClassifier:
+    config = read_json(directory / EDGE_CONFIG)
+    fmt = config.get("format")
+    if fmt not in FORMATS:
+        raise EdgeError(f"{directory / EDGE_CONFIG}: unknown format {fmt!r} (expected {' or '.join(FORMATS)})")
+    if not (directory / MODEL_FILES[fmt]).is_file():
+        raise EdgeError(f"{directory}: no {MODEL_FILES[fmt]} (edge_config.json says format {fmt})")
+    forward = onnx_forward(directory / MODEL_FILES[fmt], threads) if fmt == "onnx" else load_program(directory, config)
     return EdgeClassifier(
         labels=config["labels"],
         multilabel=config["task"] == "multilabel",
@@ -216,7 +316,7 @@ def load_int8(directory: Path) -> EdgeClassifier:
         max_length=config["max_length"],
         pad_token_id=config["pad_token_id"],
         tokenizer=load_tokenizer(directory, config["max_length"]),
-        forward=program,
+        forward=forward,
         kind="int8",
     )
 
@@ -267,13 +367,14 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     )
 
 
-def load_classifier(directory: str | Path) -> EdgeClassifier:
-    """An int8 directory from intel_compressor.py, or an fp32 best-model directory."""
+def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
+    """An int8 directory from intel_compressor.py, or an fp32 best-model directory. threads: of ONNX
+    Runtime (0: its default, one per core); the other paths follow OMP_NUM_THREADS (set_threads)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EdgeError(f"--model {directory}: no such directory")
     if (directory / EDGE_CONFIG).is_file():
-        return load_int8(directory)
+        return load_int8(directory, threads)
     if (directory / "config.json").is_file():
         return load_fp32(directory)
     raise EdgeError(f"--model {directory}: not a model directory (no {EDGE_CONFIG} or config.json)")
@@ -294,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell (default ;).")
     parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass (default 32).")
     parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time (default 4096).")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: OpenMP's default, one per core (default 0).")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: the runtime's default, one per core (default 0).")
     return parser
 
 
@@ -373,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_threads > 0:
         set_threads(args.num_threads)
     started = time.perf_counter()
-    classifier = load_classifier(args.model)
+    classifier = load_classifier(args.model, args.num_threads)
     print(f"loaded {classifier.kind} model from {args.model} in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     if args.input:
         target = classify_csv(classifier, args)

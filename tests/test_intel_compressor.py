@@ -1,14 +1,20 @@
 """Quantize a tiny BERT trained on real BANKING77 and NLU++ slices with intel_compressor.py, then
-run it through the edge script: in a fresh process without transformers, on texts and on a
-streamed CSV, against the fp32 model; and the one-line errors for bad input."""
+run it through the edge script: in a fresh process without torch or transformers, on texts and on
+a streamed CSV, against the fp32 model; the compiled --format aoti program; and the one-line
+errors for bad input."""
 
+import dataclasses
 import json
+import platform
+import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -29,28 +35,49 @@ from tests.conftest import FAST_TIMING, REPO, banking77_slice, shared_file
 from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
 
 REPORT_FIELDS = {
-    "mode", "fp32_layers", "inc_version", "torch_version", "source", "metric", "tolerance_points", "within_tolerance",
-    "fp32", "int8", "agreement", "size_bytes", "size_ratio", "candidates", "calibration_texts", "validation_rows",
-    "num_threads", "cpu_capability", "seconds",
+    "format", "mode", "fp32_layers", "inc_version", "onnxruntime_version", "torch_version", "source", "metric",
+    "tolerance_points", "within_tolerance", "fp32", "int8", "peers", "agreement", "size_bytes", "size_ratio", "candidates",
+    "graph_fusions", "calibration_texts", "validation_rows", "num_threads", "cpu", "int8_ops", "seconds",
 }  # fmt: skip
-SPEED_FIELDS = {"latency_batch1_p50_ms", "latency_batch1_p95_ms", "throughput_batch32_texts_per_s", "size_mb"}
+SPEED_FIELDS = {"latency_batch1_p50_ms", "latency_batch1_p95_ms", "throughput_batch32_texts_per_s", "size_mb", "agreement"}
+PEERS = ["onnxruntime fp32", "onnxruntime quantize_dynamic int8"]
 
 
-def test_report_has_fp32_and_int8_side_by_side(banking_runs):
+def test_report_has_fp32_onnxruntime_and_inc_side_by_side(banking_runs):
     report = banking_runs["report"]
     assert json.loads((banking_runs["int8"] / "quantization_report.json").read_text()) == report
     assert set(report) == REPORT_FIELDS
-    assert report["mode"] == "static" and report["fp32_layers"] == []
-    assert report["inc_version"].startswith("3.") and report["torch_version"] == torch.__version__
-    for side in ("fp32", "int8"):
-        assert SPEED_FIELDS | {"accuracy", "macro_f1"} <= set(report[side])
-        assert report[side]["latency_batch1_p95_ms"] >= report[side]["latency_batch1_p50_ms"] > 0
+    assert (report["format"], report["mode"], report["fp32_layers"]) == ("onnx", "static", [])
+    assert report["inc_version"] == version("onnx-neural-compressor") and report["onnxruntime_version"] == version("onnxruntime")
+    assert report["torch_version"] == torch.__version__ and "vector extensions" in report["cpu"]
+    assert sorted(report["peers"]) == PEERS
+    for figures in [report["fp32"], report["int8"], *report["peers"].values()]:
+        assert SPEED_FIELDS | {"accuracy", "macro_f1"} <= set(figures)
+        assert figures["latency_batch1_p95_ms"] >= figures["latency_batch1_p50_ms"] > 0
+    assert report["fp32"]["agreement"] == 1 and report["peers"]["onnxruntime fp32"]["agreement"] == 1  # same function
     assert report["validation_rows"] == 20 and report["calibration_texts"] == 180  # valid_size 0.1 of 200 rows
-    # int8 weights: the 30522 x 64 embedding table alone is 7.5 MiB in fp32 and 1.9 MiB in int8 (the
-    # compiled code adds about 2 MiB, which a model this tiny cannot amortise; MiniLM's is 29%)
-    assert report["size_bytes"]["int8"] < 0.6 * report["size_bytes"]["fp32"]
-    assert sorted(p.name for p in banking_runs["int8"].iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
+    # the tiny BERT's two layers fused (attention, residual + LayerNorm twice each, bias + GELU) and run in int8
+    assert report["graph_fusions"] == {"Attention": 2, "BiasGelu": 2, "LayerNormalization": 1, "SkipLayerNormalization": 4}
+    assert report["int8_ops"]["QAttention"] == 2 and report["int8_ops"]["QGemm"] == 2  # pooler and classifier too
+    # the 30522 x 64 embedding table is 7.5 MiB of the 8.4 MiB fp32 directory and 1.9 MiB in int8; both
+    # directories hold the same 0.7 MiB tokenizer.json (MiniLM's int8 directory is 26% of fp32)
+    assert report["size_bytes"]["int8"] < 0.45 * report["size_bytes"]["fp32"]
+    assert sorted(p.name for p in banking_runs["int8"].iterdir()) == ["edge_config.json", "model.onnx", "quantization_report.json", "tokenizer.json"]
     assert report["agreement"] >= 0.8
+
+
+def test_onnx_exports_compute_the_models_logits(banking_runs, tmp_path):
+    """Both fp32 graphs (torch.onnx's default export, the peer's start; the fused one, INC's start)
+    give transformers' logits on a padded batch of real texts, at a batch size and length that the
+    example used for export did not have."""
+    fp32 = intel_compressor_test.load_classifier(banking_runs["best"])
+    config = json.loads((banking_runs["best"] / "config.json").read_text())
+    exports = intel_compressor.export_graphs(banking_runs["best"], fp32, config, tmp_path)
+    input_ids, mask = intel_compressor_test.pad(fp32.token_ids(pd.read_csv(banking_runs["test"])["text"].tolist()[:9]), fp32.pad_token_id)
+    assert (mask == 0).any()
+    expected = fp32.forward(input_ids, mask)
+    for graph in exports.plain, exports.fused:
+        np.testing.assert_allclose(intel_compressor_test.onnx_forward(graph)(input_ids, mask), expected, atol=2e-5)
 
 
 def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(banking_runs):
@@ -59,11 +86,11 @@ def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(ba
         "import json, sys; import intel_compressor_test as edge\n"
         f"model = edge.load_classifier({str(banking_runs['int8'])!r})\n"
         f"probs = model.probabilities({texts!r}, batch_size=4)\n"
-        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'torch', 'transformers', 'pandas', 'neural_compressor'} & set(sys.modules))}))"
+        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'torch', 'transformers', 'pandas', 'onnx', 'neural_compressor', 'onnx_neural_compressor'} & set(sys.modules))}))"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
-    assert out["heavy"] == []
+    assert out["heavy"] == []  # onnxruntime, tokenizers and numpy only
     int8_probs = np.array(out["probs"])
     fp32_probs = intel_compressor_test.load_classifier(banking_runs["best"]).probabilities(texts)
     np.testing.assert_allclose(int8_probs.sum(axis=1), 1, atol=1e-4)
@@ -144,10 +171,32 @@ def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_ru
     assert np.abs(probs - fp32).max() < 0.05  # int8 weights, fp32 activations: close to fp32
 
 
-def test_ctypes_runner_returns_what_torchs_own_aoti_runner_returns(banking_runs):
+@pytest.fixture(scope="module")
+def banking_aoti(banking_runs, tmp_path_factory) -> dict:
+    """The manual run's model as a compiled program (--format aoti, static)."""
+    directory = tmp_path_factory.mktemp("aoti") / "int8"
+    report = intel_compressor.main([f"--model={banking_runs['best']}", f"--output={directory}", "--format=aoti", *FAST_TIMING])
+    return {"int8": directory, "report": report}
+
+
+def test_aoti_program_records_what_it_was_compiled_for_and_agrees_with_fp32(banking_runs, banking_aoti):
+    report, directory = banking_aoti["report"], banking_aoti["int8"]
+    assert (report["format"], report["inc_version"]) == ("aoti", version("neural-compressor-pt"))
+    assert sorted(p.name for p in directory.iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
+    config = json.loads((directory / "edge_config.json").read_text())
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert (config["torch_version"], config["cpu_capability"], config["machine"]) == (version("torch"), capability, platform.machine())
+    assert config["cpu_flags"] == intel_compressor_test.required_cpu_flags(capability)
+    texts = pd.read_csv(banking_runs["test"])["text"].tolist()
+    int8 = intel_compressor_test.load_classifier(directory).probabilities(texts)
+    fp32 = intel_compressor_test.load_classifier(banking_runs["best"]).probabilities(texts)
+    assert (int8.argmax(axis=1) == fp32.argmax(axis=1)).mean() >= 0.8
+
+
+def test_ctypes_runner_returns_what_torchs_own_aoti_runner_returns(banking_runs, banking_aoti):
     """The edge calls model.so through AOTInductor's C interface; torch's C++ runner is the reference."""
-    library = banking_runs["int8"] / "model.so"
-    model = intel_compressor_test.load_classifier(banking_runs["int8"])
+    library = banking_aoti["int8"] / "model.so"
+    model = intel_compressor_test.load_classifier(banking_aoti["int8"])
     texts = pd.read_csv(banking_runs["test"])["text"].tolist()[:7]
     input_ids, mask = intel_compressor_test.pad(model.token_ids(texts), model.pad_token_id)  # 7 texts, padded
     reference = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1).run([torch.from_numpy(input_ids), torch.from_numpy(mask)])[0]
@@ -156,13 +205,47 @@ def test_ctypes_runner_returns_what_torchs_own_aoti_runner_returns(banking_runs)
     np.testing.assert_array_equal(logits, reference.numpy())
 
 
-def test_edge_refuses_a_program_compiled_for_another_torch(banking_runs, tmp_path):
-    copy = tmp_path / "int8"
-    shutil.copytree(banking_runs["int8"], copy)
-    config = json.loads((copy / "edge_config.json").read_text())
-    (copy / "edge_config.json").write_text(json.dumps({**config, "torch_version": "2.12.0+cpu"}))
-    with pytest.raises(intel_compressor_test.EdgeError, match=r"compiled for torch 2.12.0\+cpu, the installed torch is 2.13.0"):
+def edited_copy(directory: Path, target: Path, **changes) -> Path:
+    """A copy of an int8 directory with edge_config.json fields changed."""
+    shutil.copytree(directory, target)
+    config = json.loads((target / "edge_config.json").read_text())
+    (target / "edge_config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+def test_edge_refuses_a_program_compiled_for_another_torch(banking_aoti, tmp_path):
+    copy = edited_copy(banking_aoti["int8"], tmp_path / "int8", torch_version="2.12.0+cpu")
+    installed = re.escape(version("torch"))
+    with pytest.raises(intel_compressor_test.EdgeError, match=rf"compiled for torch 2.12.0\+cpu, the installed torch is {installed}"):
         intel_compressor_test.load_classifier(copy)
+
+
+def test_edge_refuses_a_program_compiled_for_instructions_this_cpu_lacks(banking_aoti, tmp_path):
+    """As if built on a CPU with an extension this one lacks, or on another architecture: one line
+    before model.so is loaded, instead of an illegal instruction."""
+    lacking = edited_copy(banking_aoti["int8"], tmp_path / "flags", cpu_capability="AVX512", cpu_flags=["avx512f", "avx9000"])
+    with pytest.raises(intel_compressor_test.EdgeError, match=r"compiled for \S+ AVX512, this is a CPU without avx9000; use the portable --format onnx"):
+        intel_compressor_test.load_classifier(lacking)
+    arm = edited_copy(banking_aoti["int8"], tmp_path / "arm", machine="aarch64", cpu_capability="SVE256", cpu_flags=[])
+    with pytest.raises(intel_compressor_test.EdgeError, match=rf"compiled for aarch64 SVE256, this is a {platform.machine()} CPU"):
+        intel_compressor_test.load_classifier(arm)
+
+
+def test_edge_names_a_truncated_or_foreign_onnx_model(banking_runs, tmp_path):
+    truncated = shutil.copytree(banking_runs["int8"], tmp_path / "truncated")
+    data = (truncated / "model.onnx").read_bytes()
+    (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(intel_compressor_test.EdgeError, match=r"truncated/model.onnx: not a loadable ONNX model \(.*\)$"):
+        intel_compressor_test.load_classifier(truncated)
+    foreign = shutil.copytree(banking_runs["int8"], tmp_path / "foreign")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["pixels"], ["logits"])], "image",
+        [onnx.helper.make_tensor_value_info("pixels", onnx.TensorProto.FLOAT, [1, 3])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3])],
+    )  # fmt: skip
+    onnx.save(onnx.helper.make_model(graph), foreign / "model.onnx")
+    with pytest.raises(intel_compressor_test.EdgeError, match=r"foreign/model.onnx: not a model from intel_compressor.py \(inputs pixels; expected"):
+        intel_compressor_test.load_classifier(foreign)
 
 
 LONG = intel_compressor.MATH_ATTENTION_MAX_TOKENS + 32  # max_length of the tiny models: both attention forms in reach
@@ -184,27 +267,31 @@ def short_and_long_texts(count: int) -> list[str]:
 
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
 def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
-    """A random tiny model of each architecture goes through the static path (int8 embedding, INC
-    PT2E, AOTInductor) and the edge runner; its logits stay close to fp32 eager on real texts, short
-    ones and ones long enough for the program's other attention form."""
+    """A random tiny model of each architecture goes through the static path of both formats (ONNX:
+    export, fusion, INC static; aoti: int8 embedding, INC PT2E, AOTInductor) and the edge runners;
+    their logits stay close to fp32 eager on real texts, short ones and ones long enough for the
+    compiled program's other attention form."""
     torch.manual_seed(0)
     directory = tmp_path / architecture
     TINY_ARCHITECTURES[architecture](AutoTokenizer.from_pretrained(minilm_path).vocab_size).eval().save_pretrained(directory)
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(directory)
-    assert intel_compressor.check_model_directory(directory)["model_type"] == architecture
-    fp32 = intel_compressor_test.load_classifier(directory)
+    model_config = intel_compressor.check_model_directory(directory)
+    assert model_config["model_type"] == architecture
+    fp32 = dataclasses.replace(intel_compressor_test.load_classifier(directory), max_length=LONG)
     texts = short_and_long_texts(60)
     rows = [ids[:LONG] for ids in fp32.token_ids(texts)]
-    batches = [intel_compressor.torch_batch(rows[i : i + 10], fp32.pad_token_id) for i in range(0, len(texts), 10)]
-    module = intel_compressor.load_for_int8_program(directory)
-    quantized = intel_compressor.quantize_pt2e(module, "static", batches, LONG, [])
-    intel_compressor.compile_program(quantized, batches[0], LONG, directory / "model.so", freeze=True)
-    program = intel_compressor_test.CompiledProgram(directory / "model.so")
+    batches = [intel_compressor_test.pad(rows[i : i + 10], fp32.pad_token_id) for i in range(0, len(texts), 10)]
+    exports = intel_compressor.export_graphs(directory, fp32, model_config, tmp_path)
+    intel_compressor.quantize_onnx(exports.fused, "static", batches, [], tmp_path / "model.onnx")
+    intel_compressor.build_program(directory, "static", batches, LONG, [], tmp_path / "model.so")
+    runners = {"onnx": intel_compressor_test.onnx_forward(tmp_path / "model.onnx"), "aoti": intel_compressor_test.CompiledProgram(tmp_path / "model.so")}
     for batch in rows[:8:2], rows[:16]:  # short texts only (plain attention), then up to LONG tokens (SDPA)
         input_ids, mask = intel_compressor_test.pad(batch, fp32.pad_token_id)
-        expected, logits = fp32.forward(input_ids, mask), program(input_ids, mask)
-        assert logits.shape == expected.shape == (len(batch), 5)
-        assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()  # int8 noise, not a different function
+        expected = fp32.forward(input_ids, mask)
+        for name, runner in runners.items():
+            logits = runner(input_ids, mask)
+            assert logits.shape == expected.shape == (len(batch), 5), name
+            assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max(), name  # int8 noise, not a different function
     assert input_ids.shape[1] > intel_compressor.MATH_ATTENTION_MAX_TOKENS
 
 
