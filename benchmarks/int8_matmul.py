@@ -1,7 +1,6 @@
 """The matrix products of MiniLM alone, fp32 against each int8 kernel, side by side in one run: why
 the INC program trails ONNX Runtime at batch 1 on short texts while it leads at batch 32.
 
-    .venv/bin/pip install -r requirements-bench.txt       # ONNX Runtime
     .venv/bin/python benchmarks/int8_matmul.py
 
 For each shape of MiniLM's linear layers (hidden 384, feed-forward 1536) and each row count (the
@@ -19,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from intel_compressor_test import cpu_description
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (in, out) of attention projections, FFN up, FFN down
 
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(0)
     results = []
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}")
     print("| rows | in x out | fp32 us | oneDNN int8 us | fbgemm int8 us | ONNX Runtime int8 us |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():

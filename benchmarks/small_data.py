@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 import manual_classification
 import split_csv_script
 import trainer_classification
-from benchmarks.machine import cpu_description
 from configs import parse_config, resolve_embedded
+from intel_compressor_test import cpu_description
 from utility_functions import (
     PaddingCollator,
     compute_metrics,

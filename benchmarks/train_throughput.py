@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 import manual_classification
 import trainer_classification
 from configs import resolve_embedded
+from intel_compressor_test import cpu_description
 
 
 class EpochTimer(TrainerCallback):
@@ -102,7 +103,8 @@ def main() -> None:
             for i, (name, (run, extra)) in enumerate(VARIANTS.items()):
                 seconds[name].append(run([*common, *extra, f"--run_name=r{round_}-v{i}"]))
 
-    print(f"\n{args.dataset}: {args.rows} rows, max_length {args.max_length}, batch {args.batch_size}, "
+    print(f"\nCPU: {cpu_description()}")
+    print(f"{args.dataset}: {args.rows} rows, max_length {args.max_length}, batch {args.batch_size}, "
           f"{args.num_threads} threads, median of {args.rounds} interleaved rounds")
     manual = args.rows / statistics.median(seconds[next(iter(VARIANTS))])
     print("| variant | examples/s | manual loop / variant |\n|---|---|---|")

@@ -102,7 +102,7 @@ def test_quantization_notebook(banking_runs, monkeypatch):
     notebook = execute("3_quantization.ipynb", monkeypatch, NOTEBOOK_OUTPUTS=str(banking_runs["directory"] / "outputs"))
     assert_every_figure_drawn(notebook)
     out = printed(notebook)
-    assert "kept static" in out and f"agreement {banking_runs['report']['agreement']:.4f}" in out
+    assert "kept INC onnx static" in out and "vector extensions" in out and f"agreement {banking_runs['report']['agreement']:.4f}" in out
     assert "fp32: test exact-match accuracy" in out and "int8: test exact-match accuracy" in out
 
 
@@ -120,6 +120,15 @@ def test_tensorboard_curves_hold_the_validation_history(banking_runs, run):
     assert f1["step"].tolist() == [h["step"] for h in history]
     np.testing.assert_allclose(f1["value"], [h["macro_f1"] for h in history], rtol=1e-6)  # TensorBoard stores float32
     assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(scalars["tag"])
+
+
+def test_report_table_puts_fp32_the_peers_and_every_candidate_side_by_side(banking_runs):
+    report = banking_runs["report"]
+    table = analysis.report_table(report)
+    assert table.index.tolist() == ["torch fp32 eager", "onnxruntime fp32", "onnxruntime quantize_dynamic int8", "INC onnx static"]
+    assert table.index.name == "kept: INC onnx static"
+    assert table.loc["INC onnx static", "agreement"] == report["agreement"]
+    assert table.loc["onnxruntime quantize_dynamic int8", "size_mb"] == report["peers"]["onnxruntime quantize_dynamic int8"]["size_mb"]
 
 
 def test_scores_and_confusion_match_the_test_metrics(banking_runs):
