@@ -117,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 
 
-def quiet_inc() -> None:
+def quiet_inc(fmt: str) -> None:
     """INC logs every pass at INFO (its loggers are set up when it is first imported); so does ONNX
-    Runtime's transformer optimizer."""
-    import neural_compressor.torch  # noqa: F401
-    import onnx_neural_compressor.logger  # noqa: F401
-
+    Runtime's transformer optimizer. Only the INC of the chosen format is imported."""
+    if fmt == "onnx":
+        import onnx_neural_compressor.logger  # noqa: F401
+    else:
+        import neural_compressor.torch  # noqa: F401
     for name in ("neural_compressor", "onnx_neural_compressor", "onnxruntime.transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -253,7 +254,9 @@ def onnx_head_nodes(path: Path, head_layers: list[str]) -> list[str]:
 
 
 def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], fp32_nodes: list[str], target: Path) -> None:
-    """One INC int8 model from the fused fp32 graph, written as a single self-contained file."""
+    """One INC int8 model from the fused fp32 graph, written as a single self-contained file. Weights
+    get one scale per output channel: with one per tensor (INC's and ONNX Runtime's default), MiniLM
+    on IMDB at 256 tokens lost 3.4 points of test accuracy (static) where per channel lost 1.1."""
     import onnx
     import onnxruntime
     from onnx_neural_compressor.quantization import config as inc
@@ -271,10 +274,12 @@ def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.nda
         elif mode == "static":
             # MatMul outputs stay fp32 (MatMulIntegerToFloat): re-quantizing them cost accuracy (../shared/notes)
             options = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
-            config = inc.StaticQuantConfig(CalibrationBatches(batches), nodes_to_exclude=fp32_nodes, extra_options=options)
+            config = inc.StaticQuantConfig(
+                CalibrationBatches(batches), per_channel=True, nodes_to_exclude=fp32_nodes, extra_options=options
+            )
             quantize(str(fused), str(output), config, keep_graph)
         else:
-            quantize(str(fused), str(output), inc.DynamicQuantConfig(nodes_to_exclude=fp32_nodes), keep_graph)
+            quantize(str(fused), str(output), inc.DynamicQuantConfig(per_channel=True, nodes_to_exclude=fp32_nodes), keep_graph)
         onnx.save(onnx.load(str(output)), str(target))
 
 
@@ -628,7 +633,7 @@ def evaluate_variant(variant: Variant, valid: LabeledData, task: str, batch_size
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    quiet_inc()
+    quiet_inc(args.format)
     source = Path(args.model).resolve()
     model_config = check_model_directory(source)
     output = Path(args.output).resolve() if args.output else source.with_name(f"{source.name}-int8")

@@ -101,7 +101,8 @@ def targets(rows: dict[str, dict[str, float]], throughput: str, cold_start: floa
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    intel_compressor.quiet_inc()
+    intel_compressor.quiet_inc("onnx")
+    intel_compressor.quiet_inc("aoti")
     source = Path(args.model).resolve()
     model_config = intel_compressor.check_model_directory(source)
     options = intel_compressor.build_parser().parse_args(
