@@ -19,14 +19,17 @@ import dataclasses
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from configs import checkpoint_to_resume, parse_config
 from utility_functions import (
     ClassificationLoss,
+    DataError,
     PreparedRun,
     apply_freeze_schedule,
     autocast,
@@ -40,7 +43,9 @@ from utility_functions import (
     format_metrics,
     gpu_utilization,
     is_improvement,
+    leave_processes,
     load_training_state,
+    mean_across,
     prepare_run,
     progress_bar,
     restore_rng_state,
@@ -73,20 +78,41 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def validate(model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter, step: int) -> dict[str, float]:
-    """Validation metrics, logged to TensorBoard with a few examples and their top-5 predictions."""
-    metrics, probs = evaluate(model, run.valid_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device)
-    for name, value in metrics.items():
-        writer.add_scalar(f"eval/{name}", value, step)
-    writer.add_text("eval/examples", top_k_summary(run.valid_data.texts, run.valid_data.targets, probs, run.space), step)
+def validate(model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter | None, step: int) -> dict[str, float]:
+    """Validation metrics (the same on every process), logged to TensorBoard with a few examples
+    and their top-5 predictions."""
+    metrics, probs = evaluate(
+        model, run.valid_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, processes=run.processes
+    )
+    if writer is not None:
+        for name, value in metrics.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        writer.add_text("eval/examples", top_k_summary(run.valid_data.texts, run.valid_data.targets, probs, run.space), step)
     return metrics
+
+
+def for_training(model: torch.nn.Module, run: PreparedRun) -> torch.nn.Module:
+    """The model as the training step calls it: alone, the model itself; under torchrun, wrapped in
+    DistributedDataParallel, which averages the gradients of all processes. DDP registers its hooks
+    on the parameters trainable when it is built, so it is built again whenever the freeze schedule
+    changes them (building it also copies the main process's weights to every process)."""
+    if run.processes.world_size == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv, description=__doc__)
     run = prepare_run(config)  # reads and checks every split before anything is written
-    config, device = run.config, run.device
-    print(f"run {config.run_name} on {device}: {describe_data(run)}")
+    config, device, processes = run.config, run.device, run.processes
+    say = print if processes.is_main else lambda *args, **kwargs: None
+    say(f"run {config.run_name} on {device}: {describe_data(run)}")
+    if processes.world_size > 1:
+        say(
+            f"{processes.world_size} processes: effective batch {config.batch_size * processes.world_size * config.gradient_accumulation_steps} "
+            f"({config.batch_size} per process x {processes.world_size} processes x {config.gradient_accumulation_steps} accumulation); "
+            f"--learning_rate {config.learning_rate} as given, not rescaled"
+        )
 
     loss_fn = build_loss(run.space, run.train_data.targets, config).to(device)
     model = build_model(run, loss_fn)
@@ -106,11 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         progress = Progress(**state["progress"])
-        print(f"resuming from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
+        if state.get("world_size", 1) != processes.world_size:
+            raise DataError(
+                f"--resume {checkpoint}: saved by {state.get('world_size', 1)} process(es), resumed by {processes.world_size}; "
+                "resume with the same number (the batches of an epoch are shared out by it)"
+            )
+        say(f"resuming from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run.run_dir / "config.json", dataclasses.asdict(config))
-    writer = SummaryWriter(run.log_dir)
+    if processes.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_dir / "config.json", dataclasses.asdict(config))
+    writer = SummaryWriter(run.log_dir) if processes.is_main else None
     best_dir = run.run_dir / "best_model"
     metric = config.metric_for_best_model
     trainable_by_epoch: list[list[str]] = []
@@ -123,21 +155,24 @@ def main(argv: list[str] | None = None) -> dict:
             "scaler": scaler.state_dict(),
             "rng": rng_state(),
             "progress": dataclasses.asdict(progress),
+            "world_size": processes.world_size,
         }
-        save_training_state(run.run_dir, progress.step, state, config.save_total_limit)
+        if processes.is_main:  # the processes hold the same weights and optimizer state
+            save_training_state(run.run_dir, progress.step, state, config.save_total_limit)
 
     def validate_and_checkpoint() -> None:
         metrics = validate(model, run, loss_fn, writer, progress.step)
         train_loss = progress.epoch_loss / max(progress.epoch_steps, 1)
         progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss, **metrics})
         improved = is_improvement(metric, metrics[metric], progress.best and progress.best[metric])
-        print(f"epoch {progress.epoch + 1} step {progress.step}: validation {format_metrics(metrics)}{' (best)' if improved else ''}")
+        say(f"epoch {progress.epoch + 1} step {progress.step}: validation {format_metrics(metrics)}{' (best)' if improved else ''}")
         if improved:
             progress.best = progress.history[-1]
             if run.space.task == "multilabel":
                 model.config.multilabel_threshold = metrics["threshold"]  # reused on test and at inference
             extra = {"metrics.json": progress.best, "training_config.json": dataclasses.asdict(config)}
-            save_model_directory(model, run.tokenizer, best_dir, extra)
+            if processes.is_main:
+                save_model_directory(model, run.tokenizer, best_dir, extra)
         write_run_metrics(run, "manual_classification.py", progress.best, progress.history)
         model.train()
 
@@ -145,25 +180,29 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         while progress.epoch < config.epochs:
             if stopped_early(progress.history, progress.best, config.early_stopping_patience):
-                print(f"stopping early: {config.early_stopping_patience} validations without a better {metric}")
+                say(f"stopping early: {config.early_stopping_patience} validations without a better {metric}")
                 break
             epoch = progress.epoch
-            print(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
+            say(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
             trainable_by_epoch.append(trainable_parameter_names(model))
+            trained = for_training(model, run)
             loader.batch_sampler.set_epoch(epoch, skip=progress.batches_done)  # reproducible order per epoch
             model.train()
             step_loss, micro_batches = 0.0, 0
-            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done)
+            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done, show=processes.is_main)
             epoch_started = time.perf_counter()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}
-                with autocast(device):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = loss_fn(logits, batch["labels"])
-                scaler.scale(loss / config.gradient_accumulation_steps).backward()
+                accumulating = (i + 1) % config.gradient_accumulation_steps and i + 1 < len(loader)
+                # gradients are averaged across processes on the step's last micro-batch only
+                with trained.no_sync() if accumulating and trained is not model else nullcontext():
+                    with autocast(device):
+                        logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss = loss_fn(logits, batch["labels"])
+                    scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item()
                 micro_batches += 1
-                if (i + 1) % config.gradient_accumulation_steps and i + 1 < len(loader):
+                if accumulating:
                     continue  # keep accumulating gradients
                 if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
@@ -175,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
 
                 progress.step += 1
                 progress.batches_done = i + 1
-                mean_loss, step_loss, micro_batches = step_loss / micro_batches, 0.0, 0
+                mean_loss, step_loss, micro_batches = mean_across(processes, step_loss / micro_batches), 0.0, 0
                 progress.epoch_loss += mean_loss
                 progress.epoch_steps += 1
                 progress.window_loss += mean_loss
@@ -183,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **gpu_utilization(device), refresh=False)
                 if progress.step % config.logging_steps == 0:
-                    writer.add_scalar("train/loss", progress.window_loss / progress.window_steps, progress.step)
-                    writer.add_scalar("train/learning_rate", lr, progress.step)
+                    if writer is not None:
+                        writer.add_scalar("train/loss", progress.window_loss / progress.window_steps, progress.step)
+                        writer.add_scalar("train/learning_rate", lr, progress.step)
                     progress.window_loss, progress.window_steps = 0.0, 0
                 if config.eval_steps and progress.step % config.eval_steps == 0 and i + 1 < len(loader):
                     step_seconds += time.perf_counter() - epoch_started
@@ -197,18 +237,21 @@ def main(argv: list[str] | None = None) -> dict:
             progress.epoch_loss, progress.epoch_steps = 0.0, 0
             save_state()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; best model in {best_dir}; continue with: --run_name {config.run_name} --resume", file=sys.stderr)
+        if processes.is_main:
+            print(f"\ninterrupted; best model in {best_dir}; continue with: --run_name {config.run_name} --resume", file=sys.stderr)
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     train_seconds = time.time() - started
     best = progress.best
-    print(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
-        print(f"test: {format_metrics(test_metrics)}")
-    print(f"outputs in {run.run_dir}")
+        say(f"test: {format_metrics(test_metrics)}")
+    say(f"outputs in {run.run_dir}")
+    leave_processes(processes)
     return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
             "step_seconds": step_seconds, "trainable_by_epoch": trainable_by_epoch}
 

@@ -33,6 +33,7 @@ from utility_functions import (
     compute_metrics,
     describe_data,
     format_metrics,
+    leave_processes,
     prepare_run,
     probabilities,
     run_cli,
@@ -58,7 +59,9 @@ class FreezeCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         epoch = int((state.epoch or 0) + 1e-6)  # state.epoch is fractional mid-epoch after a resume
-        print(f"epoch {epoch + 1}: {apply_freeze_schedule(model, self.config, epoch)}")
+        described = apply_freeze_schedule(model, self.config, epoch)  # on every process alike
+        if state.is_world_process_zero:
+            print(f"epoch {epoch + 1}: {described}")
         self.trainable_by_epoch.append(trainable_parameter_names(model))
 
 
@@ -122,6 +125,12 @@ def training_arguments(run: PreparedRun) -> TrainingArguments:
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
+        # under torchrun, DistributedDataParallel is built once with every layer trainable; the layers
+        # frozen in the first epochs then produce no gradients, which it must be told to expect
+        ddp_find_unused_parameters=config.freeze_epochs > 0 and config.freeze_layers > 0,
+        # our loss is a per-batch mean; with this on, Trainer would multiply it by the number of
+        # processes (it expects a sum over the global batch), doubling the step under torchrun
+        average_tokens_across_devices=False,
     )
 
 
@@ -141,8 +150,13 @@ def build_trainer(run: PreparedRun, callbacks: list[TrainerCallback] | None = No
         processing_class=run.tokenizer,
         compute_loss_func=loss_for_trainer(loss_fn),
         compute_metrics=metrics_for_trainer(run.space),
-        callbacks=[FreezeCallback(run.config), TensorBoardCallback(SummaryWriter(run.log_dir)), *(callbacks or [])],
+        callbacks=[FreezeCallback(run.config), *tensorboard(run), *(callbacks or [])],
     )
+
+
+def tensorboard(run: PreparedRun) -> list[TrainerCallback]:
+    """TensorBoard logging to runs/<run_name>, from the main process only."""
+    return [TensorBoardCallback(SummaryWriter(run.log_dir))] if run.processes.is_main else []
 
 
 def validation_history(log_history: list[dict]) -> list[dict]:
@@ -163,12 +177,20 @@ def validation_history(log_history: list[dict]) -> list[dict]:
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
     config = parse_config(argv, description=__doc__)
     run = prepare_run(config)  # reads and checks every split before anything is written
-    config = run.config
-    print(f"run {config.run_name} on {run.device}: {describe_data(run)}")
+    config, processes = run.config, run.processes
+    say = print if processes.is_main else lambda *args, **kwargs: None
+    say(f"run {config.run_name} on {run.device}: {describe_data(run)}")
+    if processes.world_size > 1:
+        say(
+            f"{processes.world_size} processes: effective batch {config.batch_size * processes.world_size * config.gradient_accumulation_steps} "
+            f"({config.batch_size} per process x {processes.world_size} processes x {config.gradient_accumulation_steps} accumulation); "
+            f"--learning_rate {config.learning_rate} as given, not rescaled"
+        )
     trainer = build_trainer(run, callbacks)
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run.run_dir / "config.json", dataclasses.asdict(config))
+    if processes.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.run_dir / "config.json", dataclasses.asdict(config))
     resume = str(checkpoint_to_resume(config)) if config.resume else None
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
@@ -181,15 +203,18 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         trainer.model.config.multilabel_threshold = best["threshold"]
     metric = config.metric_for_best_model
     best_dir = run.run_dir / "best_model"
-    save_model_directory(trainer.model, run.tokenizer, best_dir, {"metrics.json": best, "training_config.json": dataclasses.asdict(config)})
+    if processes.is_main:
+        extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
+        save_model_directory(trainer.model, run.tokenizer, best_dir, extra)
     write_run_metrics(run, "trainer_classification.py", best, history)
-    print(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
 
     loss_fn = build_loss(run.space, run.train_data.targets, config)
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
-        print(f"test: {format_metrics(test_metrics)}")
-    print(f"outputs in {run.run_dir}")
+        say(f"test: {format_metrics(test_metrics)}")
+    say(f"outputs in {run.run_dir}")
+    leave_processes(processes)
     freeze = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback))
     return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
             "trainable_by_epoch": freeze.trainable_by_epoch, "trainer": trainer}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -482,13 +483,17 @@ class PaddingCollator:
 class TrainBatchSampler(torch.utils.data.Sampler):
     """Shuffled training batches, reproducible per epoch (seed + epoch), so a resumed run sees
     the same order. With `group_by_length`, each chunk of 50 batches is sorted by length before
-    it is cut into batches: little padding, and still random which texts meet."""
+    it is cut into batches: little padding, and still random which texts meet. Under torchrun every
+    process draws the same order and takes every world_size-th batch of it, all processes the
+    same count (the last world_size - 1 batches of an epoch may go unused), so none waits for
+    another at the last step."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool, processes: Processes | None = None):
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.group_by_length = group_by_length
+        self.processes = processes or Processes()
         self.epoch = 0
         self.skip = 0
 
@@ -498,7 +503,7 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.skip = skip
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(len(self.lengths) / self.batch_size) // self.processes.world_size
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -511,13 +516,15 @@ class TrainBatchSampler(torch.utils.data.Sampler):
                 for i in sorted(order[start : start + chunk], key=lambda j: -self.lengths[j])
             ]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist()[self.skip :]:
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        mine = shuffled[self.processes.rank :: self.processes.world_size][: len(self)]
+        for b in mine[self.skip :]:
             yield batches[b]
 
 
 def train_loader(run: PreparedRun) -> torch.utils.data.DataLoader:
     config = run.config
-    sampler = TrainBatchSampler(run.train_set.lengths, config.batch_size, config.seed, config.group_by_length)
+    sampler = TrainBatchSampler(run.train_set.lengths, config.batch_size, config.seed, config.group_by_length, run.processes)
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a run
     # resumed mid-epoch (new iterator there) would see different dropout masks than a straight run.
     return torch.utils.data.DataLoader(
@@ -529,6 +536,78 @@ def train_collator(run: PreparedRun) -> PaddingCollator:
     """Batches padded to their longest text, or to max_length with --pad_to_max_length (naive)."""
     pad_to = run.config.max_length if run.config.pad_to_max_length else None
     return PaddingCollator(run.tokenizer.pad_token_id, pad_to)
+
+
+# ---------------------------------------------------------------------------------------
+# Several processes (torchrun): who this process is, waiting for the others, gathering rows
+# ---------------------------------------------------------------------------------------
+
+# torchrun stops every process when one fails or is interrupted; this bounds how long a collective
+# call waits for a process that will not come (the default is 30 minutes).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among those torchrun started; alone (no torchrun) it is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes outputs, checkpoints and TensorBoard logs and shows progress."""
+        return self.rank == 0
+
+
+def join_processes(device: torch.device) -> tuple[Processes, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1): join its process group (nccl on CUDA, gloo on CPU) and,
+    on CUDA, take this process's GPU (LOCAL_RANK). Without torchrun nothing changes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return Processes(torch.distributed.get_rank(), world_size), device
+
+
+def leave_processes(processes: Processes) -> None:
+    """End of a run under torchrun: wait for every process, then leave the process group."""
+    if processes.world_size > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier(processes: Processes) -> None:
+    if processes.world_size > 1:
+        torch.distributed.barrier()
+
+
+def mean_across(processes: Processes, value: float) -> float:
+    """The mean of a number over the processes (the value itself when alone)."""
+    if processes.world_size == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return float(total) / processes.world_size
+
+
+def gather_rows(processes: Processes, indices: list[int], rows: torch.Tensor | None, total: int) -> torch.Tensor:
+    """Rows computed by each process for its `indices`, put back in dataset order (all `total` of
+    them, on every process). A process with no rows passes None."""
+    parts = [(indices, rows)]
+    if processes.world_size > 1:
+        parts = [None] * processes.world_size
+        torch.distributed.all_gather_object(parts, (indices, rows))
+    shape = next(r.shape[1:] for _, r in parts if r is not None)
+    restored = torch.empty((total, *shape))
+    for part_indices, part_rows in parts:
+        if part_rows is not None:
+            restored[torch.tensor(part_indices, dtype=torch.long)] = part_rows
+    return restored
 
 
 # ---------------------------------------------------------------------------------------
@@ -554,13 +633,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Config, total_step
     return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def progress_bar(iterable: Any, description: str, done: int = 0) -> Any:
+def progress_bar(iterable: Any, description: str, done: int = 0, show: bool = True) -> Any:
     """tqdm that refreshes live in a terminal and every 30 s in a log file (CI, nohup); `done`
-    items are already behind (an epoch resumed in the middle)."""
+    items are already behind (an epoch resumed in the middle); show=False: iterates silently."""
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30, initial=done)
+    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30, initial=done, disable=not show)
 
 
 def gpu_utilization(device: torch.device) -> dict[str, str]:
@@ -799,29 +878,29 @@ def is_improvement(metric: str, value: float, best: float | None) -> bool:
 @torch.no_grad()
 def run_in_length_order(
     model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
-    read: Callable[[Any], torch.Tensor],
+    read: Callable[[Any], torch.Tensor], processes: Processes | None = None,
 ) -> torch.Tensor:
     """`read(model output)` for every row, in dataset order. Batches are formed from length-sorted
-    rows (little padding); the model runs in eval mode (no dropout)."""
+    rows (little padding); the model runs in eval mode (no dropout). Under torchrun each process
+    runs every world_size-th row of that order and every process gets all rows back, each once."""
     model.eval()
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    processes = processes or Processes()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))[processes.rank :: processes.world_size]
     chunks = []
     for start in range(0, len(order), batch_size):
         batch = collator([dataset[i] for i in order[start : start + batch_size]])
         with autocast(device):
             output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
         chunks.append(read(output).float().cpu())
-    rows = torch.cat(chunks)
-    restored = torch.empty_like(rows)
-    restored[torch.tensor(order)] = rows
-    return restored
+    return gather_rows(processes, order, torch.cat(chunks) if chunks else None, len(dataset))
 
 
 def predict_logits(
-    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device
+    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
+    processes: Processes | None = None,
 ) -> torch.Tensor:
     """Logits in dataset order."""
-    return run_in_length_order(model, dataset, collator, batch_size, device, read=lambda output: output.logits)
+    return run_in_length_order(model, dataset, collator, batch_size, device, lambda output: output.logits, processes)
 
 
 def evaluate(
@@ -833,10 +912,12 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     threshold: float | None = None,
+    processes: Processes | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Loss and metrics on a split, and the probabilities. Multi-label: the threshold is tuned
-    on these rows when none is given (validation), and reused as given (test)."""
-    logits = predict_logits(model, dataset, collator, batch_size, device)
+    on these rows when none is given (validation), and reused as given (test). Under torchrun the
+    rows are shared out and gathered: every process computes the same metrics from all rows."""
+    logits = predict_logits(model, dataset, collator, batch_size, device, processes)
     targets = torch.as_tensor(dataset.targets)
     loss = float(loss_fn(logits, targets))
     probs = probabilities(logits, space.task)
@@ -971,6 +1052,7 @@ class PreparedRun:
     device: torch.device
     run_dir: Path
     log_dir: Path
+    processes: Processes
 
 
 def resolve_config(config: Config) -> Config:
@@ -990,9 +1072,11 @@ def resolve_config(config: Config) -> Config:
 # ---------------------------------------------------------------------------------------
 
 
-def planned_epochs(config: Config, train_rows: int) -> int:
-    """--epochs, or more when that many epochs of `train_rows` are fewer than --min_steps steps."""
-    steps_per_epoch = math.ceil(math.ceil(train_rows / config.batch_size) / config.gradient_accumulation_steps)
+def planned_epochs(config: Config, train_rows: int, world_size: int = 1) -> int:
+    """--epochs, or more when that many epochs of `train_rows` are fewer than --min_steps optimizer
+    steps (under torchrun each step takes one batch from each of `world_size` processes)."""
+    batches = math.ceil(train_rows / config.batch_size) // world_size
+    steps_per_epoch = math.ceil(batches / config.gradient_accumulation_steps)
     return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
 
 
@@ -1025,15 +1109,18 @@ def prepare_run(config: Config) -> PreparedRun:
     if config.num_threads > 0:
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
-    device = resolve_device(config.device)
+    processes, device = join_processes(resolve_device(config.device))
     space, train, valid, test = load_data(config)
-    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train)))  # config.json records what ran
+    if math.ceil(len(train) / config.batch_size) < processes.world_size:
+        raise DataError(f"--batch_size {config.batch_size}: {len(train)} training rows make fewer batches than the {processes.world_size} processes")
+    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train), processes.world_size))  # config.json records what ran
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
         raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
     run_dir = run_directory(config)
     if (run_dir / "config.json").exists() and not config.resume:
         raise DataError(f"{run_dir} already holds a run; choose another --run_name, or add --resume")
+    barrier(processes)  # every process has checked before the main one writes config.json
     tokenizer = load_tokenizer(config.model_name_or_path)
     return PreparedRun(
         config=config,
@@ -1049,6 +1136,7 @@ def prepare_run(config: Config) -> PreparedRun:
         device=device,
         run_dir=run_dir,
         log_dir=Path(config.logging_dir) / config.run_name,
+        processes=processes,
     )
 
 
@@ -1077,22 +1165,29 @@ def write_run_metrics(run: PreparedRun, script: str, best: dict[str, float] | No
     """metrics.json: the script that trained the run, the metric that picked the best model, the
     best validation entry and every validation entry so far (the notebooks read it)."""
     content = {"trained_with": script, "metric_for_best_model": run.config.metric_for_best_model, "best": best, "history": history}
-    write_json(run.run_dir / "metrics.json", content)
+    if run.processes.is_main:
+        write_json(run.run_dir / "metrics.json", content)
 
 
 def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLoss) -> dict[str, float] | None:
     """Reload the best checkpoint from disk, evaluate it on the test split, write
-    test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file)."""
+    test_metrics.json and test_predictions.csv. Returns the metrics (None without a test file).
+    Under torchrun every process waits until the main one has written the best model, evaluates
+    its share of the test rows, and the main one writes the files."""
     if run.test_set is None:
         return None
     from transformers import AutoModelForSequenceClassification
 
+    barrier(run.processes)
     model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
-    metrics, probs = evaluate(model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold)
-    frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)
-    write_json(run.run_dir / "test_metrics.json", metrics)
-    write_csv(run.run_dir / "test_predictions.csv", frame)
+    metrics, probs = evaluate(
+        model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold, run.processes
+    )
+    if run.processes.is_main:
+        frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)
+        write_json(run.run_dir / "test_metrics.json", metrics)
+        write_csv(run.run_dir / "test_predictions.csv", frame)
     return metrics
 
 

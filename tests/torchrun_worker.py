@@ -1,0 +1,49 @@
+"""Run by tests/test_distributed.py under torchrun: a training script's main(), then a digest of
+this process's final parameters written to <digest_prefix>.rank<RANK>.json, so the test can check
+that every process ends with the same weights.
+
+    torchrun --standalone --nproc_per_node=2 tests/torchrun_worker.py manual|trainer DIGEST_PREFIX <script options>
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import manual_classification
+import trainer_classification
+
+
+def digest(model: torch.nn.Module) -> str:
+    hasher = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        hasher.update(name.encode())
+        hasher.update(parameter.detach().cpu().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def main() -> None:
+    script, prefix, *argv = sys.argv[1:]
+    if script == "manual":
+        trained = {}
+        real = manual_classification.for_training
+
+        def remember(model, run):
+            trained["model"] = model
+            return real(model, run)
+
+        manual_classification.for_training = remember
+        manual_classification.main(argv)
+        model = trained["model"]
+    else:
+        model = trainer_classification.main(argv)["trainer"].model
+    Path(f"{prefix}.rank{os.environ['RANK']}.json").write_text(json.dumps({"digest": digest(model)}))
+
+
+if __name__ == "__main__":
+    main()
