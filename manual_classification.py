@@ -41,6 +41,7 @@ from utility_functions import (
     describe_data,
     evaluate,
     format_metrics,
+    from_every_process,
     gpu_utilization,
     is_improvement,
     leave_processes,
@@ -126,17 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
     if config.resume:
         checkpoint = checkpoint_to_resume(config)
         state = load_training_state(checkpoint)
+        if state["world_size"] != processes.world_size:
+            raise DataError(
+                f"--resume {checkpoint}: saved by {state['world_size']} process(es), resumed by {processes.world_size}; "
+                "resume with the same number (the batches of an epoch are shared out by it)"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"][processes.rank])
         progress = Progress(**state["progress"])
-        if state.get("world_size", 1) != processes.world_size:
-            raise DataError(
-                f"--resume {checkpoint}: saved by {state.get('world_size', 1)} process(es), resumed by {processes.world_size}; "
-                "resume with the same number (the batches of an epoch are shared out by it)"
-            )
         say(f"resuming from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
 
     if processes.is_main:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": from_every_process(processes, rng_state()),  # each process draws its own dropout masks
             "progress": dataclasses.asdict(progress),
             "world_size": processes.world_size,
         }

@@ -595,13 +595,19 @@ def mean_across(processes: Processes, value: float) -> float:
     return float(total) / processes.world_size
 
 
+def from_every_process(processes: Processes, value: Any) -> list[Any]:
+    """Every process's `value`, in rank order, on every process (picklable values)."""
+    if processes.world_size == 1:
+        return [value]
+    values = [None] * processes.world_size
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def gather_rows(processes: Processes, indices: list[int], rows: torch.Tensor | None, total: int) -> torch.Tensor:
     """Rows computed by each process for its `indices`, put back in dataset order (all `total` of
     them, on every process). A process with no rows passes None."""
-    parts = [(indices, rows)]
-    if processes.world_size > 1:
-        parts = [None] * processes.world_size
-        torch.distributed.all_gather_object(parts, (indices, rows))
+    parts = from_every_process(processes, (indices, rows))
     shape = next(r.shape[1:] for _, r in parts if r is not None)
     restored = torch.empty((total, *shape))
     for part_indices, part_rows in parts:

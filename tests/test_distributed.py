@@ -1,7 +1,8 @@
 """Both training scripts under torchrun: 2 processes on CPU (gloo), OMP_NUM_THREADS=1, on a small
 real BANKING77 slice with an odd number of test rows. Outputs are written once, every test row is
 predicted once, every process ends with the same weights, and a run cannot be resumed by another
-number of processes."""
+number of processes. A 2-process run interrupted after its first epoch leaves a loadable best
+model and, resumed, continues exactly as the straight run (slow)."""
 
 import json
 import os
@@ -10,18 +11,20 @@ import sys
 
 import pandas as pd
 import pytest
+from transformers import AutoModelForSequenceClassification
 
 import manual_classification
 from tests.conftest import REPO, banking77_slice, tiny_run_args
+from tests.test_resume import LOSS_TOLERANCE, step_losses
 from utility_functions import run_cli
 
 
-def torchrun(script: str, args: list[str], digest_prefix) -> subprocess.CompletedProcess:
+def torchrun(script: str, args: list[str], digest_prefix, **env: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(REPO / "tests" / "torchrun_worker.py"), script, str(digest_prefix), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -60,3 +63,25 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny_bert_dir, odd
     assert run_cli(manual_classification.main) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --resume ") and "saved by 2 process(es), resumed by 1" in error
+
+
+@pytest.mark.slow
+def test_a_two_process_run_interrupted_and_resumed_continues_exactly(tiny_bert_dir, odd_slice, tmp_path):
+    train, test = odd_slice
+    data = [f"--train_file={train}", f"--test_file={test}", "--logging_steps=1", "--save_total_limit=3"]
+    straight = torchrun("manual", [*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *data], tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped_args = [*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *data]
+    stopped = torchrun("manual", stopped_args, tmp_path / "stopped", INTERRUPT_AFTER_STEP="12")
+    assert stopped.returncode != 0 and "interrupted; best model in" in stopped.stderr  # torchrun ended both processes
+    best = tmp_path / "outputs" / "stopped" / "best_model"
+    assert AutoModelForSequenceClassification.from_pretrained(best).config.num_labels == 5  # loadable
+    resumed = torchrun("manual", [*stopped_args, "--resume"], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > 12}
+    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > 12}
+    assert sorted(expected) == list(range(13, 25)) and sorted(got) == sorted(expected)
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
+    straight_digest, resumed_digest = (json.loads((tmp_path / f"{name}.rank0.json").read_text()) for name in ("straight", "resumed"))
+    assert resumed_digest == straight_digest  # the same final weights

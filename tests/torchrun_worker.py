@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun: a training script's main(), then a digest of
 this process's final parameters written to <digest_prefix>.rank<RANK>.json, so the test can check
-that every process ends with the same weights.
+that every process ends with the same weights. With INTERRUPT_AFTER_STEP=N in the environment the
+manual loop stops as Ctrl-C would, right after the main process has written checkpoint N.
 
     torchrun --standalone --nproc_per_node=2 tests/torchrun_worker.py manual|trainer DIGEST_PREFIX <script options>
 """
@@ -27,8 +28,22 @@ def digest(model: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
+def interrupt_after_checkpoint(step: int) -> None:
+    real_save = manual_classification.save_training_state
+
+    def save_then_interrupt(run_dir, saved_step, state, keep):
+        path = real_save(run_dir, saved_step, state, keep)
+        if saved_step == step:
+            raise KeyboardInterrupt
+        return path
+
+    manual_classification.save_training_state = save_then_interrupt
+
+
 def main() -> None:
     script, prefix, *argv = sys.argv[1:]
+    if "INTERRUPT_AFTER_STEP" in os.environ:
+        interrupt_after_checkpoint(int(os.environ["INTERRUPT_AFTER_STEP"]))
     if script == "manual":
         trained = {}
         real = manual_classification.for_training
