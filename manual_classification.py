@@ -39,6 +39,7 @@ from utility_functions import (
     build_optimizer,
     build_scheduler,
     describe_data,
+    describe_processes,
     evaluate,
     format_metrics,
     from_every_process,
@@ -109,11 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     say = print if processes.is_main else lambda *args, **kwargs: None
     say(f"run {config.run_name} on {device}: {describe_data(run)}")
     if processes.world_size > 1:
-        say(
-            f"{processes.world_size} processes: effective batch {config.batch_size * processes.world_size * config.gradient_accumulation_steps} "
-            f"({config.batch_size} per process x {processes.world_size} processes x {config.gradient_accumulation_steps} accumulation); "
-            f"--learning_rate {config.learning_rate} as given, not rescaled"
-        )
+        say(describe_processes(run))
 
     loss_fn = build_loss(run.space, run.train_data.targets, config).to(device)
     model = build_model(run, loss_fn)

@@ -32,6 +32,7 @@ from utility_functions import (
     build_model,
     compute_metrics,
     describe_data,
+    describe_processes,
     format_metrics,
     leave_processes,
     prepare_run,
@@ -181,11 +182,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     say = print if processes.is_main else lambda *args, **kwargs: None
     say(f"run {config.run_name} on {run.device}: {describe_data(run)}")
     if processes.world_size > 1:
-        say(
-            f"{processes.world_size} processes: effective batch {config.batch_size * processes.world_size * config.gradient_accumulation_steps} "
-            f"({config.batch_size} per process x {processes.world_size} processes x {config.gradient_accumulation_steps} accumulation); "
-            f"--learning_rate {config.learning_rate} as given, not rescaled"
-        )
+        say(describe_processes(run))
     trainer = build_trainer(run, callbacks)
 
     if processes.is_main:

@@ -1167,6 +1167,16 @@ def describe_data(run: PreparedRun) -> str:
     )
 
 
+def describe_processes(run: PreparedRun) -> str:
+    """Under torchrun: the effective batch size, and that the learning rate is used as given."""
+    config, count = run.config, run.processes.world_size
+    effective = config.batch_size * count * config.gradient_accumulation_steps
+    return (
+        f"{count} processes: effective batch {effective} ({config.batch_size} per process x {count} processes x "
+        f"{config.gradient_accumulation_steps} accumulation); --learning_rate {config.learning_rate} as given, not rescaled"
+    )
+
+
 def write_run_metrics(run: PreparedRun, script: str, best: dict[str, float] | None, history: list[dict[str, float]]) -> None:
     """metrics.json: the script that trained the run, the metric that picked the best model, the
     best validation entry and every validation entry so far (the notebooks read it)."""

@@ -12,12 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import manual_classification
 import trainer_classification
+from tests.test_resume import interrupt_after_checkpoint
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -28,22 +30,10 @@ def digest(model: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
-def interrupt_after_checkpoint(step: int) -> None:
-    real_save = manual_classification.save_training_state
-
-    def save_then_interrupt(run_dir, saved_step, state, keep):
-        path = real_save(run_dir, saved_step, state, keep)
-        if saved_step == step:
-            raise KeyboardInterrupt
-        return path
-
-    manual_classification.save_training_state = save_then_interrupt
-
-
 def main() -> None:
     script, prefix, *argv = sys.argv[1:]
     if "INTERRUPT_AFTER_STEP" in os.environ:
-        interrupt_after_checkpoint(int(os.environ["INTERRUPT_AFTER_STEP"]))
+        interrupt_after_checkpoint(pytest.MonkeyPatch(), int(os.environ["INTERRUPT_AFTER_STEP"]))
     if script == "manual":
         trained = {}
         real = manual_classification.for_training
