@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_seconds = time.time() - started
     best = progress.best
-    say(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
         say(f"test: {format_metrics(test_metrics)}")

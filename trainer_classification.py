@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
         save_model_directory(trainer.model, run.tokenizer, best_dir, extra)
     write_run_metrics(run, "trainer_classification.py", best, history)
-    say(f"training took {train_seconds:.0f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
 
     loss_fn = build_loss(run.space, run.train_data.targets, config)
     test_metrics = test_best_model(run, best_dir, loss_fn)

@@ -74,7 +74,7 @@ def run_torchrun(argv: list[str], nproc: int) -> float:
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return float(re.search(r"training took (\d+)s", out).group(1))
+    return float(re.search(r"training took ([\d.]+)s", out).group(1))
 
 
 DATA = {
