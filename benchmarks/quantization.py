@@ -60,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fused_peer(exports: intel_compressor.Exports, fp32: EdgeClassifier, scratch: Path, threads: int) -> tuple[EdgeClassifier, int]:
-    """ONNX Runtime's quantize_dynamic on the fused graph (its shape inference cannot type the fused ops: default float)."""
+def fused_peer(exports: intel_compressor.Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int) -> tuple[EdgeClassifier, int]:
+    """ONNX Runtime's quantize_dynamic on the fused graph (its shape inference cannot type the fused ops:
+    default float). Its size counts tokenizer.json, as every other variant's does."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = scratch / "onnxruntime-int8-fused.onnx"
     quantize_dynamic(str(exports.fused), str(path), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return dataclasses.replace(fp32, forward=onnx_forward(path, threads)), path.stat().st_size
+    return dataclasses.replace(fp32, forward=onnx_forward(path, threads)), path.stat().st_size + (source / "tokenizer.json").stat().st_size
 
 
 def cold_start_seconds(directory: Path, repeats: int, threads: int) -> float:
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         exports = intel_compressor.export_graphs(source, fp32, model_config, scratch)
         for name, (model, size) in intel_compressor.onnxruntime_peers(exports, fp32, source, scratch, args.num_threads).items():
             models[name], sizes[name] = model, size
-        models[f"{PEER}, fused export"], sizes[f"{PEER}, fused export"] = fused_peer(exports, fp32, scratch, args.num_threads)
+        models[f"{PEER}, fused export"], sizes[f"{PEER}, fused export"] = fused_peer(exports, fp32, source, scratch, args.num_threads)
         for fmt, mode in [("onnx", "static"), ("onnx", "dynamic"), ("onnx", "weight-only"), ("aoti", "static")]:
             variant = intel_compressor.build_variant(source, fmt, mode, fp32, batches, exports, scratch, [])
             name = f"INC {fmt} {mode}"
