@@ -1,7 +1,9 @@
 """Run by tests/test_distributed.py under torchrun: a training script's main(), then a digest of
 this process's final parameters written to <digest_prefix>.rank<RANK>.json, so the test can check
 that every process ends with the same weights. With INTERRUPT_AFTER_STEP=N in the environment the
-manual loop stops as Ctrl-C would, right after the main process has written checkpoint N.
+manual loop stops as Ctrl-C would, right after the main process has written checkpoint N; with
+RECORD_BATCHES=1 the training batches (row indices) this process drew are written to
+<digest_prefix>.rank<RANK>.batches.json.
 
     torchrun --standalone --nproc_per_node=2 tests/torchrun_worker.py manual|trainer DIGEST_PREFIX <script options>
 """
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import manual_classification
 import trainer_classification
+import utility_functions
 from tests.test_resume import interrupt_after_checkpoint
 
 
@@ -30,8 +33,22 @@ def digest(model: torch.nn.Module) -> str:
     return hasher.hexdigest()
 
 
+def record_batches(drawn: list[list[int]]) -> None:
+    real = utility_functions.TrainBatchSampler.__iter__
+
+    def recording(sampler):
+        for batch in real(sampler):
+            drawn.append(batch)
+            yield batch
+
+    utility_functions.TrainBatchSampler.__iter__ = recording
+
+
 def main() -> None:
     script, prefix, *argv = sys.argv[1:]
+    drawn: list[list[int]] = []
+    if os.environ.get("RECORD_BATCHES"):
+        record_batches(drawn)
     if "INTERRUPT_AFTER_STEP" in os.environ:
         interrupt_after_checkpoint(pytest.MonkeyPatch(), int(os.environ["INTERRUPT_AFTER_STEP"]))
     if script == "manual":
@@ -48,6 +65,8 @@ def main() -> None:
     else:
         model = trainer_classification.main(argv)["trainer"].model
     Path(f"{prefix}.rank{os.environ['RANK']}.json").write_text(json.dumps({"digest": digest(model)}))
+    if drawn:
+        Path(f"{prefix}.rank{os.environ['RANK']}.batches.json").write_text(json.dumps(drawn))
 
 
 if __name__ == "__main__":
