@@ -61,7 +61,22 @@ class Config:
         choices=["auto", "binary", "multiclass", "multilabel"],
     )
     label_delimiter: str = _arg(";", "Separator of labels within one cell for multi-label data.")
-    max_length: int = _arg(128, "Longer texts are truncated to this many tokens.")
+    max_length: int = _arg(128, "Tokens the model reads at once; longer texts are cut as --long_text says.")
+    long_text: str = _arg(
+        "truncate",
+        "Texts longer than max_length: truncate (keep the start); head_tail (keep the start and the end, "
+        "Sun et al. 2019); windows (overlapping windows of max_length tokens, every one trained on with the "
+        "text's label, and their logits combined into one prediction per text).",
+        choices=["truncate", "head_tail", "windows"],
+    )
+    head_share: float = _arg(0.25, "head_tail: the share of max_length taken from the start of the text; the rest from its end.")
+    window_stride: int = _arg(0, "windows: tokens from one window's start to the next; 0: half of max_length.")
+    window_aggregation: str = _arg(
+        "auto",
+        "windows: how a text's window logits combine; auto: mean (single-label), max (multi-label).",
+        choices=["auto", "mean", "max"],
+    )
+    train_windows: int = _arg(0, "windows: at most this many windows of a training text (a seeded sample); 0: all.")
     head_init: str = _arg(
         "probe",
         "probe: before fine-tuning, fit the classification layer as a linear probe on the frozen model's features "
@@ -232,6 +247,12 @@ def check_config(config: Config) -> None:
         raise SystemExit(f"error: --reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
     if not 0 < config.valid_size < 1:
         raise SystemExit(f"error: --valid_size must be in (0, 1), got {config.valid_size}")
+    if not 0 <= config.head_share <= 1:
+        raise SystemExit(f"error: --head_share must be in [0, 1], got {config.head_share}")
+    if config.window_stride < 0 or config.window_stride > config.max_length - 2:
+        raise SystemExit(f"error: --window_stride must be in [0, max_length - 2], got {config.window_stride}")
+    if config.train_windows < 0:
+        raise SystemExit(f"error: --train_windows must not be negative, got {config.train_windows}")
     if config.probe_c <= 0:
         raise SystemExit(f"error: --probe_c must be positive, got {config.probe_c}")
     if not 0 <= config.warmup_ratio < 1:

@@ -5,7 +5,9 @@
 
 An int8 directory written by intel_compressor.py holds the model (model.onnx, int8, run by ONNX
 Runtime on any CPU it supports; or, with --format aoti, model.so compiled for one CPU family and
-torch version), tokenizer.json and edge_config.json (labels, task, threshold, max_length).
+torch version), tokenizer.json and edge_config.json (labels, task, threshold, max_length, and
+how texts longer than max_length are read: truncated, head and tail, or overlapping windows whose
+logits are combined into one row per text).
 The ONNX model needs onnxruntime, tokenizers and numpy (requirements-edge.txt): no torch, no
 transformers, nothing compiled. model.so runs on the C++ library of the torch wheel
 (libtorch_cpu.so) through AOTInductor's C interface with ctypes, so the torch Python package is not
@@ -39,6 +41,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 EDGE_CONFIG = "edge_config.json"
+LONG_TEXT_MODES = ("truncate", "head_tail", "windows")
+WINDOW_AGGREGATIONS = ("mean", "max")
 FORMATS = ("onnx", "aoti")
 MODEL_FILES = {"onnx": "model.onnx", "aoti": "model.so"}
 ONNX_INPUTS = ("input_ids", "attention_mask")
@@ -48,6 +52,76 @@ class EdgeError(ValueError):
     """Bad input. The message is one line that names the directory, file, column or row."""
 
 
+# ---------------------------------------------------------------------------------------
+# Texts longer than max_length (shared with the training scripts, which import these)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LongText:
+    """How a text becomes model inputs of at most `max_length` tokens (special tokens included).
+    truncate: its first tokens. head_tail: its first `head_share` and its last tokens (Sun et al.
+    2019). windows: overlapping windows, one every `stride` tokens, the last one ending with the
+    text, so every token is read; the logits of a text's windows are combined by `aggregation`."""
+
+    mode: str = "truncate"
+    max_length: int = 128
+    stride: int = 64
+    head_share: float = 0.25
+    aggregation: str = "mean"
+
+    def pieces(self, body: list[int], room: int) -> list[list[int]]:
+        """`body` (token ids without special tokens) cut to fit `room` tokens: one piece, or
+        the windows."""
+        if len(body) <= room or self.mode == "truncate":
+            return [body[:room]]
+        if self.mode == "head_tail":
+            head = round(room * self.head_share)
+            return [body[:head] + body[len(body) - (room - head) :]]
+        return [body[start : start + room] for start in window_starts(len(body), room, self.stride)]
+
+
+def window_starts(length: int, size: int, stride: int) -> list[int]:
+    """Starts of windows of `size` tokens over `length` tokens: every `stride` tokens, and a last
+    one that ends with the text (so no token is left out)."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size, stride))
+    return [*starts, length - size]
+
+
+def model_inputs(bodies: list[list[int]], long_text: LongText, prefix: list[int], suffix: list[int]) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids the model reads, with the special tokens around each piece, and for each of them
+    the index of the text it comes from."""
+    room = long_text.max_length - len(prefix) - len(suffix)
+    rows, owners = [], []
+    for text, body in enumerate(bodies):
+        for piece in long_text.pieces(body, room):
+            rows.append([*prefix, *piece, *suffix])
+            owners.append(text)
+    return rows, np.asarray(owners, dtype=np.int64)
+
+
+def aggregate_windows(logits: np.ndarray, owners: np.ndarray, texts: int, how: str) -> np.ndarray:
+    """One row of logits per text from the rows of its windows (`owners`: the text of each row, in
+    text order, every text at least once): their mean, or their maximum (for multi-label, a label
+    found in any window counts)."""
+    if len(owners) == texts:  # one row per text: nothing to combine
+        return logits
+    out = np.full((texts, logits.shape[1]), -np.inf if how == "max" else 0.0, dtype=logits.dtype)
+    if how == "max":
+        np.maximum.at(out, owners, logits)
+        return out
+    np.add.at(out, owners, logits)
+    return out / np.bincount(owners, minlength=texts)[:, None]
+
+
+def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text ([CLS] / [SEP], <s> / </s>)."""
+    ids = tokenizer.encode("").ids
+    return ids[:1], ids[1:]
+
+
 @dataclass
 class EdgeClassifier:
     """A tokenizer, a forward function (token ids, attention mask) -> logits, and the label map."""
@@ -55,25 +129,45 @@ class EdgeClassifier:
     labels: list[str]
     multilabel: bool
     threshold: float
-    max_length: int
+    long_text: LongText
     pad_token_id: int
     tokenizer: Tokenizer
     forward: Callable[[np.ndarray, np.ndarray], np.ndarray]
     kind: str  # "int8" or "fp32"
+    texts_read: int = 0  # inference cost: model inputs (windows) per text = inputs_read / texts_read
+    inputs_read: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.long_text.max_length
+
+    def inputs(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Model inputs for `texts` and the text each comes from (see LongText)."""
+        bodies = [encoding.ids for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return model_inputs(bodies, self.long_text, *special_tokens(self.tokenizer))
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.tokenizer.encode_batch(texts)]
+        return self.inputs(texts)[0]
 
-    def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """One row of label probabilities per text, in input order; batches hold texts of similar length."""
-        ids = self.token_ids(texts)
+    def input_logits(self, texts: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Logits of every model input (window) of `texts`, and the text each belongs to; batches
+        hold inputs of similar length."""
+        ids, owners = self.inputs(texts)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        probs = np.empty((len(ids), len(self.labels)), dtype=np.float32)
+        logits = np.empty((len(ids), len(self.labels)), dtype=np.float64)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            logits = self.forward(*pad([ids[i] for i in rows], self.pad_token_id)).astype(np.float64)
-            probs[rows] = sigmoid(logits) if self.multilabel else softmax(logits)
-        return probs
+            logits[rows] = self.forward(*pad([ids[i] for i in rows], self.pad_token_id))
+        self.texts_read, self.inputs_read = self.texts_read + len(texts), self.inputs_read + len(ids)
+        return logits, owners
+
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """One row of label probabilities per text, in input order."""
+        logits, owners = self.input_logits(texts, batch_size)
+        return self.to_probabilities(aggregate_windows(logits, owners, len(texts), self.long_text.aggregation))
+
+    def to_probabilities(self, logits: np.ndarray) -> np.ndarray:
+        return (sigmoid(logits) if self.multilabel else softmax(logits)).astype(np.float32)
 
     def predicted_labels(self, probs: np.ndarray) -> list[list[str]]:
         """Multi-label: every label at or above the tuned threshold; otherwise the most probable label."""
@@ -280,14 +374,36 @@ def read_json(path: Path) -> dict:
         raise EdgeError(f"{path}: cannot read ({type(error).__name__})") from None
 
 
-def load_tokenizer(directory: Path, max_length: int) -> Tokenizer:
+def load_tokenizer(directory: Path) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise EdgeError(f"{directory}: no tokenizer.json (a fast tokenizer is needed at the edge)")
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()  # padding happens per batch, to the longest text in it
-    tokenizer.enable_truncation(max_length)
+    tokenizer.no_truncation()  # LongText cuts the tokens to max_length
     return tokenizer
+
+
+def long_text_settings(long_text: LongText) -> dict:
+    """What edge_config.json records of a LongText (the training config's names)."""
+    return {
+        "long_text": long_text.mode,
+        "window_stride": long_text.stride,
+        "head_share": long_text.head_share,
+        "window_aggregation": long_text.aggregation,
+    }
+
+
+def long_text_from(settings: dict, max_length: int) -> LongText:
+    """The LongText of a training config (training_config.json) or an edge_config.json; files
+    written before long texts were handled truncate."""
+    return LongText(
+        mode=settings.get("long_text", "truncate"),
+        max_length=max_length,
+        stride=int(settings.get("window_stride") or max_length // 2),
+        head_share=float(settings.get("head_share", 0.25)),
+        aggregation=settings.get("window_aggregation", "mean"),
+    )
 
 
 def load_program(directory: Path, config: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -313,20 +429,22 @@ def load_int8(directory: Path, threads: int) -> EdgeClassifier:
         labels=config["labels"],
         multilabel=config["task"] == "multilabel",
         threshold=config["threshold"],
-        max_length=config["max_length"],
+        long_text=long_text_from(config, config["max_length"]),
         pad_token_id=config["pad_token_id"],
-        tokenizer=load_tokenizer(directory, config["max_length"]),
+        tokenizer=load_tokenizer(directory),
         forward=forward,
         kind="int8",
     )
 
 
-def fp32_max_length(directory: Path, model_config: dict) -> int:
-    """The training run's max_length when known, else the model's position limit."""
+def fp32_long_text(directory: Path, model_config: dict) -> LongText:
+    """The training run's max_length and long-text settings when known, else truncation at the
+    model's position limit."""
     training = directory / "training_config.json"
     if training.is_file():
-        return int(read_json(training)["max_length"])
-    return int(model_config.get("max_position_embeddings", 512))
+        settings = read_json(training)
+        return long_text_from(settings, int(settings["max_length"]))
+    return LongText(max_length=int(model_config.get("max_position_embeddings", 512)))
 
 
 def pad_token_id(directory: Path, tokenizer: Tokenizer) -> int:
@@ -353,13 +471,12 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     if not model_config.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])):
         raise EdgeError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
-    max_length = fp32_max_length(directory, model_config)
-    tokenizer = load_tokenizer(directory, max_length)
+    tokenizer = load_tokenizer(directory)
     return EdgeClassifier(
         labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
         multilabel=model.config.problem_type == "multi_label_classification",
         threshold=float(getattr(model.config, "multilabel_threshold", 0.5)),
-        max_length=max_length,
+        long_text=fp32_long_text(directory, model_config),
         pad_token_id=pad_token_id(directory, tokenizer),
         tokenizer=tokenizer,
         forward=numpy_forward(model),

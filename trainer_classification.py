@@ -24,6 +24,7 @@ from transformers.integrations import TensorBoardCallback
 from configs import Config, checkpoint_to_resume, parse_config
 from utility_functions import (
     ClassificationLoss,
+    EncodedDataset,
     LabelSpace,
     PreparedRun,
     apply_freeze_schedule,
@@ -80,12 +81,14 @@ def loss_for_trainer(loss_fn: ClassificationLoss):
     return compute_loss
 
 
-def metrics_for_trainer(space: LabelSpace):
-    """Trainer's compute_metrics: the same metrics as the manual loop (threshold tuned on validation)."""
+def metrics_for_trainer(space: LabelSpace, valid_set: EncodedDataset):
+    """Trainer's compute_metrics: the same metrics as the manual loop (threshold tuned on validation),
+    on one prediction per text (Trainer predicts every input of `valid_set`, in order; with --long_text
+    windows a text's windows are combined first; Trainer's eval_loss stays the mean over inputs)."""
 
     def compute(prediction: EvalPrediction) -> dict[str, float]:
-        probs = probabilities(torch.as_tensor(prediction.predictions), space.task)
-        targets = np.asarray(prediction.label_ids)
+        probs = probabilities(torch.as_tensor(valid_set.combine(prediction.predictions)), space.task)
+        targets = valid_set.targets
         threshold = tune_threshold(probs, targets) if space.task == "multilabel" else 0.5
         return compute_metrics(space.task, probs, targets, threshold)
 
@@ -150,7 +153,7 @@ def build_trainer(run: PreparedRun, callbacks: list[TrainerCallback] | None = No
         eval_dataset=run.valid_set,
         processing_class=run.tokenizer,
         compute_loss_func=loss_for_trainer(loss_fn),
-        compute_metrics=metrics_for_trainer(run.space),
+        compute_metrics=metrics_for_trainer(run.space, run.valid_set),
         callbacks=[FreezeCallback(run.config), *tensorboard(run), *(callbacks or [])],
     )
 

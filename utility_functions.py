@@ -33,6 +33,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 
 from configs import Config, checkpoint_step, resolve_embedded, run_directory
+from intel_compressor_test import LongText, aggregate_windows, long_text_from, model_inputs, special_tokens
 
 # ---------------------------------------------------------------------------------------
 # Errors and atomic writes
@@ -439,26 +440,67 @@ def reduce(data: LabeledData, task: str, ratio: float, seed: int) -> LabeledData
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Token ids without padding (padding happens per batch) and targets."""
+    """Model inputs (token ids, unpadded: padding happens per batch) and the targets of the texts
+    they come from. One input per text, or with --long_text windows several: `owners[i]` is the
+    text of input i, and predictions combine a text's inputs by `aggregation` (see LongText)."""
 
-    def __init__(self, input_ids: list[list[int]], targets: np.ndarray):
+    def __init__(self, input_ids: list[list[int]], targets: np.ndarray, owners: np.ndarray | None = None, aggregation: str = "mean"):
         self.input_ids = input_ids
         self.targets = targets
+        self.owners = np.arange(len(input_ids)) if owners is None else owners
+        self.aggregation = aggregation
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "labels": self.targets[i]}
+        return {"input_ids": self.input_ids[i], "labels": self.targets[self.owners[i]]}
 
     @property
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    @property
+    def texts(self) -> int:
+        return len(self.targets)
 
-def encode(tokenizer: Any, data: LabeledData, max_length: int) -> EncodedDataset:
-    ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
-    return EncodedDataset(ids, data.targets)
+    @property
+    def input_targets(self) -> np.ndarray:
+        """The target of every input (a window has its text's)."""
+        return self.targets[self.owners]
+
+    def combine(self, logits: np.ndarray) -> np.ndarray:
+        """One row of logits per text from one row per input."""
+        return aggregate_windows(logits, self.owners, self.texts, self.aggregation)
+
+
+def long_text_of(config: Config) -> LongText:
+    return long_text_from(dataclasses.asdict(config), config.max_length)
+
+
+def encode(tokenizer: Any, data: LabeledData, long_text: LongText, keep_windows: int = 0, seed: int = 0) -> EncodedDataset:
+    """Token ids of every text as the model reads them (truncated, head and tail, or windows), with
+    the special tokens; with `keep_windows`, at most that many windows of a text, a seeded sample.
+    Tokenised by the tokenizer's own fast backend, exactly as the edge runner does."""
+    backend = type(tokenizer.backend_tokenizer).from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()  # LongText does the cutting
+    backend.no_padding()
+    bodies = [encoding.ids for encoding in backend.encode_batch(data.texts, add_special_tokens=False)]
+    rows, owners = model_inputs(bodies, long_text, *special_tokens(backend))
+    if keep_windows:
+        kept = sampled_windows(owners, keep_windows, seed)
+        rows, owners = [rows[i] for i in kept], owners[kept]
+    return EncodedDataset(rows, data.targets, owners, long_text.aggregation)
+
+
+def sampled_windows(owners: np.ndarray, most: int, seed: int) -> np.ndarray:
+    """Indices of at most `most` windows of each text (a seeded sample, kept in order)."""
+    generator = np.random.default_rng(seed)
+    kept = []
+    for text in np.unique(owners):
+        windows = np.flatnonzero(owners == text)
+        kept.extend(sorted(generator.choice(windows, most, replace=False)) if len(windows) > most else windows)
+    return np.asarray(kept, dtype=np.int64)
 
 
 class PaddingCollator:
@@ -905,8 +947,9 @@ def predict_logits(
     model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
     processes: Processes | None = None,
 ) -> torch.Tensor:
-    """Logits in dataset order."""
-    return run_in_length_order(model, dataset, collator, batch_size, device, lambda output: output.logits, processes)
+    """Logits of every text, in dataset order (a text's windows combined)."""
+    logits = run_in_length_order(model, dataset, collator, batch_size, device, lambda output: output.logits, processes)
+    return torch.from_numpy(dataset.combine(logits.numpy()))
 
 
 def evaluate(
@@ -1025,7 +1068,7 @@ def initialize_head_from_probe(model: nn.Module, run: PreparedRun, loss_fn: Clas
     pulling the encoder towards a random head. Returns a one-line description."""
     head = classifier_layer(model)
     features = classifier_features(model, run.train_set, run.collator, run.config.batch_size, run.device)
-    targets = torch.as_tensor(run.train_data.targets)
+    targets = torch.as_tensor(run.train_set.input_targets)
     loss_fn = copy.deepcopy(loss_fn).cpu()
     before = float(loss_fn(features @ head.weight.cpu().T + head.bias.cpu(), targets))
     with torch.enable_grad():
@@ -1062,9 +1105,11 @@ class PreparedRun:
 
 
 def resolve_config(config: Config) -> Config:
-    """Fill in embedded paths and a timestamp run name, so config.json records what ran."""
+    """Fill in embedded paths, a timestamp run name and the window stride, so config.json records
+    what ran."""
     return dataclasses.replace(
         config,
+        window_stride=config.window_stride or config.max_length // 2,
         model_name_or_path=resolve_embedded(config.model_name_or_path),
         train_file=resolve_embedded(config.train_file),
         validation_file=resolve_embedded(config.validation_file),
@@ -1117,17 +1162,21 @@ def prepare_run(config: Config) -> PreparedRun:
     set_seed(config.seed)
     processes, device = join_processes(resolve_device(config.device))
     space, train, valid, test = load_data(config)
-    if math.ceil(len(train) / config.batch_size) < processes.world_size:
-        raise DataError(f"--batch_size {config.batch_size}: {len(train)} training rows make fewer batches than the {processes.world_size} processes")
-    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train), processes.world_size))  # config.json records what ran
+    if config.window_aggregation == "auto":  # a label found in any window counts for multi-label
+        config = dataclasses.replace(config, window_aggregation="max" if space.task == "multilabel" else "mean")
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
         raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    long_text = long_text_of(config)
+    train_set = encode(tokenizer, train, long_text, config.train_windows, config.seed)
+    if math.ceil(len(train_set) / config.batch_size) < processes.world_size:
+        raise DataError(f"--batch_size {config.batch_size}: {len(train_set)} training inputs make fewer batches than the {processes.world_size} processes")
+    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train_set), processes.world_size))  # config.json records what ran
     run_dir = run_directory(config)
     if (run_dir / "config.json").exists() and not config.resume:
         raise DataError(f"{run_dir} already holds a run; choose another --run_name, or add --resume")
     barrier(processes)  # every process has checked before the main one writes config.json
-    tokenizer = load_tokenizer(config.model_name_or_path)
     return PreparedRun(
         config=config,
         space=space,
@@ -1135,9 +1184,9 @@ def prepare_run(config: Config) -> PreparedRun:
         train_data=train,
         valid_data=valid,
         test_data=test,
-        train_set=encode(tokenizer, train, config.max_length),
-        valid_set=encode(tokenizer, valid, config.max_length),
-        test_set=encode(tokenizer, test, config.max_length) if test is not None else None,
+        train_set=train_set,
+        valid_set=encode(tokenizer, valid, long_text),
+        test_set=encode(tokenizer, test, long_text) if test is not None else None,
         collator=PaddingCollator(tokenizer.pad_token_id),
         device=device,
         run_dir=run_dir,
@@ -1163,8 +1212,18 @@ def describe_data(run: PreparedRun) -> str:
     return (
         f"task {run.space.task}, {run.space.num_labels} labels ({rarest} to {most} training rows each); "
         f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}; "
-        f"{run.config.epochs} epochs, head {run.config.head_init}"
+        f"{run.config.epochs} epochs, head {run.config.head_init}{describe_long_text(run)}"
     )
+
+
+def describe_long_text(run: PreparedRun) -> str:
+    """How texts longer than max_length are read, and the cost of windows: model inputs per text."""
+    config, sets = run.config, [run.train_set, run.valid_set, run.test_set]
+    if config.long_text != "windows":
+        return f"; {config.long_text} at {config.max_length} tokens"
+    per_text = {name: len(s) / s.texts for name, s in zip(("train", "validation", "test"), sets) if s is not None}
+    shown = ", ".join(f"{name} {value:.2f}" for name, value in per_text.items())
+    return f"; windows of {config.max_length} tokens every {config.window_stride}, inputs per text: {shown}"
 
 
 def describe_processes(run: PreparedRun) -> str:

@@ -45,6 +45,7 @@ from utility_functions import (
     encode,
     load_data,
     load_tokenizer,
+    long_text_of,
     predict_logits,
     probabilities,
     resolve_config,
@@ -142,7 +143,7 @@ def fine_tuned(script, args: list[str], directory: Path, name: str) -> dict[str,
     tokenizer = load_tokenizer(str(result["run_dir"] / "best_model"))
     logits = predict_logits(
         model,
-        encode(tokenizer, test, config.max_length),
+        encode(tokenizer, test, long_text_of(config)),
         PaddingCollator(tokenizer.pad_token_id),
         64,
         torch.device("cpu"),

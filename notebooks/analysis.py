@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", category=TqdmWarning)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repository's modules: configs, utility_functions, intel_compressor_test
 
+from intel_compressor_test import window_starts
 from utility_functions import LabeledData, LabelSpace, hard_label_sets
 
 
@@ -98,6 +99,13 @@ def label_counts(data: LabeledData, space: LabelSpace) -> pd.Series:
 def token_lengths(tokenizer: object, texts: list[str]) -> np.ndarray:
     """Tokens per text with the special tokens and without truncation: what max_length cuts."""
     return np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+
+
+def windows_per_text(lengths: np.ndarray, max_length: int, stride: int, special_tokens: int = 2) -> np.ndarray:
+    """Model inputs per text with --long_text windows (`lengths` with the special tokens): the
+    inference cost of reading every token."""
+    room = max_length - special_tokens
+    return np.array([len(window_starts(n - special_tokens, room, stride)) for n in lengths])
 
 
 def examples_per_label(data: LabeledData, space: LabelSpace, per_label: int, seed: int) -> pd.DataFrame:

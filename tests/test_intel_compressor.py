@@ -104,7 +104,7 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
     data, _ = load_split(str(banking_runs["test"]), Config())
     tokenizer = load_tokenizer(str(banking_runs["best"]))
     model = AutoModelForSequenceClassification.from_pretrained(banking_runs["best"]).eval()
-    logits = predict_logits(model, encode(tokenizer, data, 64), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
+    logits = predict_logits(model, encode(tokenizer, data, intel_compressor_test.LongText(max_length=64)), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
     edge = intel_compressor_test.load_classifier(banking_runs["best"])
     assert edge.kind == "fp32" and edge.max_length == 64
     np.testing.assert_allclose(edge.probabilities(data.texts, 8), torch.softmax(logits, -1).numpy(), atol=1e-5)
@@ -277,7 +277,7 @@ def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minil
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(directory)
     model_config = intel_compressor.check_model_directory(directory)
     assert model_config["model_type"] == architecture
-    fp32 = dataclasses.replace(intel_compressor_test.load_classifier(directory), max_length=LONG)
+    fp32 = dataclasses.replace(intel_compressor_test.load_classifier(directory), long_text=intel_compressor_test.LongText(max_length=LONG))
     texts = short_and_long_texts(60)
     rows = [ids[:LONG] for ids in fp32.token_ids(texts)]
     batches = [intel_compressor_test.pad(rows[i : i + 10], fp32.pad_token_id) for i in range(0, len(texts), 10)]

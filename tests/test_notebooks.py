@@ -78,8 +78,9 @@ def test_data_notebook_on_a_multilabel_csv(nlupp_run, monkeypatch):
     notebook = execute("1_data.ipynb", monkeypatch, NOTEBOOK_ARGS=args)
     assert_every_figure_drawn(notebook)
     assert "multilabel" in printed(notebook) and "labels per training text" in printed(notebook)
-    train_row = results(notebook)[0].splitlines()[1].split()  # train, median, p95, max, truncated share
-    assert train_row[0] == "train" and 0 < float(train_row[-1]) < 1  # max_length 16 cuts some NLU++ texts
+    train_row = results(notebook)[0].splitlines()[1].split()  # train, median, p95, max, truncated share, windows
+    assert train_row[0] == "train" and 0 < float(train_row[-2]) < 1  # max_length 16 cuts some NLU++ texts
+    assert float(train_row[-1]) > 1  # ... which windows would read in more than one input
 
 
 def test_training_notebook_compares_the_two_scripts(banking_runs, monkeypatch):
