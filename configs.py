@@ -123,6 +123,11 @@ class Config:
         "Validation metric that picks the best checkpoint: macro_f1, accuracy, micro_f1 "
         "(multilabel), f1 (binary, positive class) or loss (lower is better).",
     )
+    in_scope_share: float = _arg(
+        0.95,
+        "After training, the out-of-scope threshold on ood_score is chosen so that this share of the validation "
+        "texts stays in scope; texts scoring above it are flagged out_of_scope.",
+    )
     eval_steps: int = _arg(
         0, "Also evaluate and save a training state every this many optimizer steps; 0: at epoch ends only."
     )
@@ -247,6 +252,8 @@ def check_config(config: Config) -> None:
         raise SystemExit(f"error: --reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
     if not 0 < config.valid_size < 1:
         raise SystemExit(f"error: --valid_size must be in (0, 1), got {config.valid_size}")
+    if not 0 < config.in_scope_share <= 1:
+        raise SystemExit(f"error: --in_scope_share must be in (0, 1], got {config.in_scope_share}")
     if not 0 <= config.head_share <= 1:
         raise SystemExit(f"error: --head_share must be in [0, 1], got {config.head_share}")
     if config.window_stride < 0 or config.window_stride > config.max_length - 2:

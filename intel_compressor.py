@@ -516,6 +516,8 @@ def build_variant(
         "threshold": fp32.threshold,
         "max_length": fp32.max_length,
         **long_text_settings(fp32.long_text),
+        "calibration_temperature": fp32.temperature,
+        "ood_threshold": fp32.ood_threshold if np.isfinite(fp32.ood_threshold) else None,
         "pad_token_id": fp32.pad_token_id,
         **runtime,
         "source": str(source),

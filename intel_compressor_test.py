@@ -116,6 +116,18 @@ def aggregate_windows(logits: np.ndarray, owners: np.ndarray, texts: int, how: s
     return out / np.bincount(owners, minlength=texts)[:, None]
 
 
+def ood_scores(logits: np.ndarray, multilabel: bool, temperature: float = 1.0) -> np.ndarray:
+    """How unusual each text is for the model (higher: more unusual), from the logits it serves.
+    Single-label: the energy -logsumexp(z) of the logits before temperature scaling, z =
+    temperature x served logits (Liu et al. 2020). Multi-label: minus the JointEnergy, the sum over
+    labels of log(1 + e^z) (Wang et al. 2021)."""
+    if multilabel:
+        return -np.logaddexp(0.0, logits).sum(axis=1)
+    z = temperature * logits
+    top = z.max(axis=1)
+    return -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
+
+
 def special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a single text ([CLS] / [SEP], <s> / </s>)."""
     ids = tokenizer.encode("").ids
@@ -134,6 +146,8 @@ class EdgeClassifier:
     tokenizer: Tokenizer
     forward: Callable[[np.ndarray, np.ndarray], np.ndarray]
     kind: str  # "int8" or "fp32"
+    temperature: float = 1.0  # folded into the served logits already; the energy score undoes it
+    ood_threshold: float = float("inf")  # ood_score above it: out of scope (chosen on validation)
     texts_read: int = 0  # inference cost: model inputs (windows) per text = inputs_read / texts_read
     inputs_read: int = 0
 
@@ -161,10 +175,19 @@ class EdgeClassifier:
         self.texts_read, self.inputs_read = self.texts_read + len(texts), self.inputs_read + len(ids)
         return logits, owners
 
+    def text_logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """One row of logits per text, in input order (a text's windows combined)."""
+        logits, owners = self.input_logits(texts, batch_size)
+        return aggregate_windows(logits, owners, len(texts), self.long_text.aggregation)
+
     def probabilities(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """One row of label probabilities per text, in input order."""
-        logits, owners = self.input_logits(texts, batch_size)
-        return self.to_probabilities(aggregate_windows(logits, owners, len(texts), self.long_text.aggregation))
+        return self.to_probabilities(self.text_logits(texts, batch_size))
+
+    def predictions(self, texts: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Label probabilities and the out-of-scope score of every text."""
+        logits = self.text_logits(texts, batch_size)
+        return self.to_probabilities(logits), ood_scores(logits, self.multilabel, self.temperature)
 
     def to_probabilities(self, logits: np.ndarray) -> np.ndarray:
         return (sigmoid(logits) if self.multilabel else softmax(logits)).astype(np.float32)
@@ -434,7 +457,16 @@ def load_int8(directory: Path, threads: int) -> EdgeClassifier:
         tokenizer=load_tokenizer(directory),
         forward=forward,
         kind="int8",
+        **out_of_scope_settings(config),
     )
+
+
+def out_of_scope_settings(config: dict) -> dict:
+    """Temperature and out-of-scope threshold from a model's config.json or an edge_config.json
+    (models trained before calibration existed: no temperature, nothing out of scope)."""
+    threshold = config.get("ood_threshold")
+    temperature = float(config.get("calibration_temperature", 1.0))
+    return {"temperature": temperature, "ood_threshold": float("inf") if threshold is None else float(threshold)}
 
 
 def fp32_long_text(directory: Path, model_config: dict) -> LongText:
@@ -481,6 +513,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
         tokenizer=tokenizer,
         forward=numpy_forward(model),
         kind="fp32",
+        **out_of_scope_settings(model_config),
     )
 
 
@@ -517,10 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def classify_texts(classifier: EdgeClassifier, texts: list[str], batch_size: int) -> None:
-    probs = classifier.probabilities(texts, batch_size)
-    for text, row, labels in zip(texts, probs, classifier.predicted_labels(probs)):
+    probs, scores = classifier.predictions(texts, batch_size)
+    for text, row, labels, score in zip(texts, probs, classifier.predicted_labels(probs), scores):
         shown = ", ".join(f"{label} {row[classifier.labels.index(label)]:.3f}" for label in labels) or "(no label above threshold)"
-        print(f"{shown}\t{text}")
+        scope = "OUT OF SCOPE " if score > classifier.ood_threshold else ""
+        print(f"{shown}\t{scope}ood_score {score:.2f}\t{text}")
 
 
 def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[str], list[dict[str, str]]]]:
@@ -560,11 +594,12 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
             writer = None
             for header, rows in csv_chunks(source, args.text_column, args.chunk_rows):
                 if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=[*header, "predicted", *prob_columns])
+                    writer = csv.DictWriter(out, fieldnames=[*header, "predicted", "ood_score", "out_of_scope", *prob_columns])
                     writer.writeheader()
-                probs = classifier.probabilities([row[args.text_column] for row in rows], args.batch_size)
-                for row, scores, labels in zip(rows, probs.tolist(), classifier.predicted_labels(probs)):
+                probs, ood = classifier.predictions([row[args.text_column] for row in rows], args.batch_size)
+                for row, scores, labels, score in zip(rows, probs.tolist(), classifier.predicted_labels(probs), ood.tolist()):
                     row["predicted"] = args.label_delimiter.join(labels)
+                    row["ood_score"], row["out_of_scope"] = f"{score:.4f}", score > classifier.ood_threshold
                     row.update({column: f"{p:.6f}" for column, p in zip(prob_columns, scores)})
                     writer.writerow(row)
                 bar.update(len(rows))

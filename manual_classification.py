@@ -38,6 +38,7 @@ from utility_functions import (
     build_model,
     build_optimizer,
     build_scheduler,
+    calibrate_best_model,
     describe_data,
     describe_processes,
     evaluate,
@@ -49,6 +50,7 @@ from utility_functions import (
     load_training_state,
     mean_across,
     prepare_run,
+    probabilities,
     progress_bar,
     restore_rng_state,
     rng_state,
@@ -83,12 +85,13 @@ class Progress:
 def validate(model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter | None, step: int) -> dict[str, float]:
     """Validation metrics (the same on every process), logged to TensorBoard with a few examples
     and their top-5 predictions."""
-    metrics, probs = evaluate(
+    metrics, logits = evaluate(
         model, run.valid_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, processes=run.processes
     )
     if writer is not None:
         for name, value in metrics.items():
             writer.add_scalar(f"eval/{name}", value, step)
+        probs = probabilities(logits, run.space.task)
         writer.add_text("eval/examples", top_k_summary(run.valid_data.texts, run.valid_data.targets, probs, run.space), step)
     return metrics
 
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - started
     best = progress.best
     say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    write_run_metrics(run, "manual_classification.py", best, progress.history, calibrate_best_model(run, best_dir))
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
         say(f"test: {format_metrics(test_metrics)}")

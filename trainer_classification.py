@@ -31,6 +31,7 @@ from utility_functions import (
     autocast_dtype,
     build_loss,
     build_model,
+    calibrate_best_model,
     compute_metrics,
     describe_data,
     describe_processes,
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     if processes.is_main:
         extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
         save_model_directory(trainer.model, run.tokenizer, best_dir, extra)
-    write_run_metrics(run, "trainer_classification.py", best, history)
     say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    write_run_metrics(run, "trainer_classification.py", best, history, calibrate_best_model(run, best_dir))
 
     loss_fn = build_loss(run.space, run.train_data.targets, config)
     test_metrics = test_best_model(run, best_dir, loss_fn)

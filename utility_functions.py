@@ -33,7 +33,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 
 from configs import Config, checkpoint_step, resolve_embedded, run_directory
-from intel_compressor_test import LongText, aggregate_windows, long_text_from, model_inputs, special_tokens
+from intel_compressor_test import LongText, aggregate_windows, long_text_from, model_inputs, ood_scores, special_tokens
 
 # ---------------------------------------------------------------------------------------
 # Errors and atomic writes
@@ -896,6 +896,15 @@ def compute_metrics(task: str, probs: np.ndarray, targets: np.ndarray, threshold
     return metrics
 
 
+def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """ECE of single-label predictions: texts binned by confidence (the top probability) into
+    `bins` equal-width bins, the mean |accuracy - confidence| of the bins, weighted by their size."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == targets
+    bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (k/bins, (k+1)/bins]
+    gaps = [abs(correct[bin_of == k].mean() - confidence[bin_of == k].mean()) * np.mean(bin_of == k) for k in np.unique(bin_of)]
+    return float(sum(gaps))
+
+
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
 
@@ -965,7 +974,8 @@ def evaluate(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Loss and metrics on a split, and the probabilities. Multi-label: the threshold is tuned
     on these rows when none is given (validation), and reused as given (test). Under torchrun the
-    rows are shared out and gathered: every process computes the same metrics from all rows."""
+    rows are shared out and gathered: every process computes the same metrics from all rows.
+    Returns the metrics and the logits of every text."""
     logits = predict_logits(model, dataset, collator, batch_size, device, processes)
     targets = torch.as_tensor(dataset.targets)
     loss = float(loss_fn(logits, targets))
@@ -973,7 +983,7 @@ def evaluate(
     if space.task == "multilabel" and threshold is None:
         threshold = tune_threshold(probs, dataset.targets)
     metrics = {"loss": loss, **compute_metrics(space.task, probs, dataset.targets, threshold or 0.5)}
-    return metrics, probs
+    return metrics, logits
 
 
 def predicted_label_sets(probs: np.ndarray, space: LabelSpace, threshold: float) -> list[list[str]]:
@@ -982,12 +992,18 @@ def predicted_label_sets(probs: np.ndarray, space: LabelSpace, threshold: float)
     return [[space.labels[int(i)]] for i in probs.argmax(axis=1)]
 
 
-def predictions_frame(texts: list[str], targets: np.ndarray, probs: np.ndarray, space: LabelSpace, threshold: float, delimiter: str) -> pd.DataFrame:
-    """text, true label, predicted label(s), then one probability column per label."""
+def predictions_frame(
+    texts: list[str], targets: np.ndarray, probs: np.ndarray, ood: np.ndarray, ood_threshold: float, space: LabelSpace,
+    threshold: float, delimiter: str,
+) -> pd.DataFrame:
+    """text, true label, predicted label(s), the out-of-scope score and flag, then one probability
+    column per label."""
     frame = pd.DataFrame({
         "text": texts,
         "label": [delimiter.join(s) for s in hard_label_sets(targets, space)],
         "predicted": [delimiter.join(s) for s in predicted_label_sets(probs, space, threshold)],
+        "ood_score": ood.round(4),
+        "out_of_scope": ood > ood_threshold,
     })
     scores = pd.DataFrame(probs, columns=[f"prob_{label}" for label in space.labels])
     return pd.concat([frame, scores.round(6)], axis=1)
@@ -1077,6 +1093,71 @@ def initialize_head_from_probe(model: nn.Module, run: PreparedRun, loss_fn: Clas
     head.weight.copy_(weight)
     head.bias.copy_(bias)
     return f"head fitted as a linear probe on {len(features)} training texts: training loss {before:.4f} -> {after:.4f}"
+
+
+# ---------------------------------------------------------------------------------------
+# Calibrated probabilities (temperature scaling) and the out-of-scope score
+# ---------------------------------------------------------------------------------------
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The T > 0 minimising the negative log-likelihood of softmax(logits / T) on these rows
+    (Guo et al. 2017): one parameter, fitted as log T by L-BFGS from T = 1, deterministic."""
+    logits, log_t = logits.detach().double().cpu(), torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(logits / log_t.exp(), targets.long())
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return float(log_t.detach().exp())
+
+
+@torch.no_grad()
+def fold_temperature(model: nn.Module, temperature: float) -> None:
+    """Divide the classification layer's weight and bias by T: the model then computes logits / T
+    itself (exact), for every consumer of its directory (pipeline, the edge, the int8 export)."""
+    head = classifier_layer(model)
+    head.weight.div_(temperature)
+    head.bias.div_(temperature)
+
+
+def calibrate_best_model(run: PreparedRun, best_dir: Path) -> dict[str, float | str]:
+    """After training, on the validation split: fit the temperature (single-label) and fold it into
+    best_model/, and choose the out-of-scope threshold that keeps --in_scope_share of the validation
+    texts in scope. Both are stored in best_model/config.json (calibration_temperature, ood_threshold). Returns
+    metrics.json's calibration entry (with the validation ECE before and after)."""
+    from transformers import AutoModelForSequenceClassification
+
+    barrier(run.processes)  # the main process has written best_model/
+    model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
+    logits = predict_logits(model, run.valid_set, run.collator, run.config.batch_size, run.device, run.processes)
+    multilabel, targets = run.space.task == "multilabel", run.valid_data.targets
+    earlier = float(getattr(model.config, "calibration_temperature", 1.0))  # a resumed run's best model may hold one already
+    entry: dict[str, float | str] = {}
+    temperature = 1.0
+    if not multilabel:
+        temperature = fit_temperature(logits, torch.as_tensor(targets))
+        entry["ece_before"] = expected_calibration_error(probabilities(logits, run.space.task), targets)
+        entry["ece_after"] = expected_calibration_error(probabilities(logits / temperature, run.space.task), targets)
+        fold_temperature(model, temperature)
+    total = earlier * temperature
+    scores = ood_scores(logits.numpy() / temperature, multilabel, total)
+    share = run.config.in_scope_share
+    threshold = float(np.quantile(scores, share))
+    # not `temperature`: transformers reserves that name for text generation
+    model.config.calibration_temperature, model.config.ood_threshold = total, threshold
+    entry = {"temperature": total, **entry, "ood_score": "joint_energy" if multilabel else "energy", "ood_threshold": threshold, "in_scope_share": share}
+    if run.processes.is_main:
+        kept = {name: json.loads((best_dir / name).read_text()) for name in ("metrics.json", "training_config.json")}
+        save_model_directory(model, run.tokenizer, best_dir, kept)
+        ece = f" (validation ECE {entry['ece_before']:.4f} -> {entry['ece_after']:.4f})" if not multilabel else ""
+        print(f"temperature {total:.3f} folded into the head{ece}; out of scope above ood_score {threshold:.3f} "
+              f"({share:.0%} of validation texts in scope)")
+    return entry
 
 
 # ---------------------------------------------------------------------------------------
@@ -1236,10 +1317,15 @@ def describe_processes(run: PreparedRun) -> str:
     )
 
 
-def write_run_metrics(run: PreparedRun, script: str, best: dict[str, float] | None, history: list[dict[str, float]]) -> None:
+def write_run_metrics(
+    run: PreparedRun, script: str, best: dict[str, float] | None, history: list[dict[str, float]], calibration: dict | None = None
+) -> None:
     """metrics.json: the script that trained the run, the metric that picked the best model, the
-    best validation entry and every validation entry so far (the notebooks read it)."""
+    best validation entry, every validation entry so far (the notebooks read it) and, once
+    training has ended, the calibration entry (calibrate_best_model)."""
     content = {"trained_with": script, "metric_for_best_model": run.config.metric_for_best_model, "best": best, "history": history}
+    if calibration is not None:
+        content["calibration"] = calibration
     if run.processes.is_main:
         write_json(run.run_dir / "metrics.json", content)
 
@@ -1256,11 +1342,21 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     barrier(run.processes)
     model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
-    metrics, probs = evaluate(
+    metrics, logits = evaluate(
         model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold, run.processes
     )
+    probs, multilabel = probabilities(logits, run.space.task), run.space.task == "multilabel"
+    temperature = float(getattr(model.config, "calibration_temperature", 1.0))
+    ood = ood_scores(logits.numpy(), multilabel, temperature)
+    ood_threshold = float(getattr(model.config, "ood_threshold", np.inf))
+    if not multilabel:
+        metrics["ece"] = expected_calibration_error(probs, run.test_data.targets)
+        metrics["ece_before_temperature"] = expected_calibration_error(probabilities(logits * temperature, run.space.task), run.test_data.targets)
+    metrics["out_of_scope_share"] = float(np.mean(ood > ood_threshold))
     if run.processes.is_main:
-        frame = predictions_frame(run.test_data.texts, run.test_data.targets, probs, run.space, threshold, run.config.label_delimiter)
+        frame = predictions_frame(
+            run.test_data.texts, run.test_data.targets, probs, ood, ood_threshold, run.space, threshold, run.config.label_delimiter
+        )
         write_json(run.run_dir / "test_metrics.json", metrics)
         write_csv(run.run_dir / "test_predictions.csv", frame)
     return metrics

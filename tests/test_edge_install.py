@@ -24,5 +24,5 @@ def test_a_venv_from_requirements_edge_alone_runs_the_int8_model(banking_runs, t
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True)  # not the repository: nothing else importable
     labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
     lines = result.stdout.strip().splitlines()
-    assert [line.split("\t")[1] for line in lines] == texts
+    assert [line.split("\t")[2] for line in lines] == texts
     assert all(line.split("\t")[0].rsplit(" ", 1)[0] in labels for line in lines)

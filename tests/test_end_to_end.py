@@ -48,10 +48,10 @@ def test_multiclass_banking77(tiny_bert_dir, banking_slice, tmp_path):
     assert out["config"]["train_file"] == str(train) and out["config"]["epochs"] == 3
 
     predictions = out["predictions"]
-    expected_columns = ["text", "label", "predicted", *[f"prob_{label}" for label in labels]]
-    assert list(predictions.columns) == expected_columns
+    prob_columns = [f"prob_{label}" for label in labels]
+    assert list(predictions.columns) == ["text", "label", "predicted", "ood_score", "out_of_scope", *prob_columns]
     assert predictions["text"].tolist() == pd.read_csv(test)["text"].tolist()
-    probs = predictions[expected_columns[3:]].to_numpy()
+    probs = predictions[prob_columns].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-4)
     assert (np.array(labels)[probs.argmax(axis=1)] == predictions["predicted"]).all()
     accuracy = (predictions["label"] == predictions["predicted"]).mean()

@@ -110,17 +110,20 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
     np.testing.assert_allclose(edge.probabilities(data.texts, 8), torch.softmax(logits, -1).numpy(), atol=1e-5)
 
 
-def test_command_line_prints_label_and_probability_per_text(banking_runs):
+def test_command_line_prints_label_probability_and_ood_score_per_text(banking_runs):
     texts = ["I still have not received my new card", "How do I activate my card?"]
     result = subprocess.run(
         [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts], cwd=REPO, capture_output=True, text=True, check=True
     )
     lines = result.stdout.strip().splitlines()
     labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
-    assert [line.split("\t")[1] for line in lines] == texts
-    for line in lines:
+    assert [line.split("\t")[2] for line in lines] == texts
+    model = intel_compressor_test.load_classifier(banking_runs["int8"])
+    for line, score in zip(lines, model.predictions(texts)[1]):
         label, probability = line.split("\t")[0].rsplit(" ", 1)
         assert label in labels and 1 / len(labels) < float(probability) <= 1
+        scope = "OUT OF SCOPE " if score > model.ood_threshold else ""
+        assert line.split("\t")[1] == f"{scope}ood_score {score:.2f}"
     assert "loaded int8 model" in result.stderr
 
 
@@ -132,7 +135,7 @@ def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking
     out = pd.read_csv(target)
     model = intel_compressor_test.load_classifier(banking_runs["int8"])
     prob_columns = [f"prob_{label}" for label in model.labels]
-    assert list(out.columns) == [*frame.columns, "predicted", *prob_columns]
+    assert list(out.columns) == [*frame.columns, "predicted", "ood_score", "out_of_scope", *prob_columns]
     assert out["text"].tolist() == frame["text"].tolist() and out["id"].tolist() == frame["id"].tolist()
     whole = model.probabilities(frame["text"].tolist(), batch_size=32)
     np.testing.assert_allclose(out[prob_columns].to_numpy(), whole, atol=2e-5)  # chunking and batching change nothing
