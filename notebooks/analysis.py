@@ -184,6 +184,21 @@ def confusion(predictions: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(index=labels, columns=labels, fill_value=0)
 
 
+def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """The reliability diagram's points: per confidence bin (equal width, as ECE bins them), the
+    mean confidence (top probability), the accuracy and the number of texts."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
+    bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    frame = pd.DataFrame({"bin": bin_of, "confidence": confidence, "accuracy": correct})
+    return frame.groupby("bin").agg(confidence=("confidence", "mean"), accuracy=("accuracy", "mean"), texts=("accuracy", "size"))
+
+
+def before_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities the model gave before its temperature was folded in: softmax(T x log p)."""
+    sharpened = np.exp(temperature * np.log(np.clip(probs, 1e-12, 1)))
+    return sharpened / sharpened.sum(axis=1, keepdims=True)
+
+
 def worst_errors(predictions: pd.DataFrame, multilabel: bool, delimiter: str, rows: int = 10) -> pd.DataFrame:
     """The most confident wrong predictions. Single-label: wrong texts by the probability given to the
     predicted label. Multi-label: wrong (text, label) decisions by how far the probability was from

@@ -90,6 +90,11 @@ def test_training_notebook_compares_the_two_scripts(banking_runs, monkeypatch):
     assert "manual_classification.py" in runs and "trainer_classification.py" in runs
     worst = results(notebook)[-1]
     assert "confidence" in worst and "probability_of_true_label" in worst
+    run_dir = banking_runs["directory"] / "outputs" / "trainer"
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())  # the notebook's first run: the newest, trainer
+    assert f"test ECE after: {metrics['ece']:.4f}" in printed(notebook)
+    assert f"test ECE before temperature: {metrics['ece_before_temperature']:.4f}" in printed(notebook)
+    assert f"flagged out of scope: {metrics['out_of_scope_share']:.1%}" in printed(notebook)
 
 
 def test_training_notebook_on_a_multilabel_run(nlupp_run, monkeypatch):
@@ -97,6 +102,7 @@ def test_training_notebook_on_a_multilabel_run(nlupp_run, monkeypatch):
     assert_every_figure_drawn(notebook)
     worst = results(notebook)[-1]
     assert "error" in worst and "confidence" in worst
+    assert "flagged out of scope" in printed(notebook)
 
 
 def test_quantization_notebook(banking_runs, monkeypatch):
