@@ -1,27 +1,18 @@
-"""Shared fixtures: the real data under ../shared/data, a tiny BERT, slices of real data."""
+"""Shared fixtures: a tiny BERT, slices of real data, runs that several test modules read.
+Helpers (functions, constants) are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from configs import resolve_embedded
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub (set before transformers is imported)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.fail(f"real test data missing: {path} (the repository expects ../shared/data beside it)")
-    return path
+from configs import resolve_embedded
+from tests.helpers import FAST_TIMING, banking77_slice, shared_file, tiny_run_args
 
 
 @pytest.fixture(scope="session")
@@ -52,45 +43,9 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_path: str) ->
     return directory
 
 
-def banking77_slice(directory: Path, classes: int, train_per_class: int, test_per_class: int) -> tuple[Path, Path]:
-    """train.csv and test.csv from the real BANKING77 splits, restricted to the first `classes` labels."""
-    train = pd.read_csv(shared_file("banking77/train.csv"))
-    test = pd.read_csv(shared_file("banking77/test.csv"))
-    kept = sorted(train["label"].unique())[:classes]
-    train = train[train["label"].isin(kept)].groupby("label").head(train_per_class)
-    test = test[test["label"].isin(kept)].groupby("label").head(test_per_class)
-    paths = directory / "train.csv", directory / "test.csv"
-    train.to_csv(paths[0], index=False)
-    test.to_csv(paths[1], index=False)
-    return paths
-
-
 @pytest.fixture
 def banking_slice(tmp_path: Path) -> tuple[Path, Path]:
     return banking77_slice(tmp_path, classes=5, train_per_class=40, test_per_class=10)
-
-
-def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> list[str]:
-    """Command-line options for a fast run of the tiny model that writes only under tmp_path."""
-    return [
-        f"--model_name_or_path={model_dir}",
-        f"--output_dir={tmp_path / 'outputs'}",
-        f"--logging_dir={tmp_path / 'runs'}",
-        f"--run_name={run_name}",
-        "--validation_file=",
-        "--epochs=2",
-        "--min_steps=0",  # exactly --epochs: the tests' slices are small enough to get more
-        "--head_init=random",  # a random tiny BERT's features give a probe nothing; test_small_data checks it on MiniLM
-        "--batch_size=8",
-        "--learning_rate=1e-2",  # a tiny random model needs a large step to learn in a few dozen
-        "--max_length=64",
-        "--freeze_layers=1",
-        "--freeze_epochs=1",
-        "--num_threads=2",
-    ]
-
-
-FAST_TIMING = ["--num_threads=2", "--timing_texts=64", "--latency_texts=10"]  # intel_compressor.py: short speed checks
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from configs import Config
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 from utility_functions import (
     DataError,
     PaddingCollator,

@@ -17,8 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import manual_classification
-from tests.conftest import REPO, banking77_slice, tiny_run_args
-from tests.test_resume import LOSS_TOLERANCE, step_losses
+from tests.helpers import LOSS_TOLERANCE, REPO, banking77_slice, step_losses, tiny_run_args
 from utility_functions import TrainBatchSampler, load_training_state, run_cli
 
 

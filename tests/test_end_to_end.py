@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 import manual_classification
 import split_csv_script
-from tests.conftest import REPO, shared_file, tiny_run_args
+from tests.helpers import REPO, shared_file, tiny_run_args
 from utility_functions import DataError, save_model_directory
 
 

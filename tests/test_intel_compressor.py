@@ -31,7 +31,7 @@ from transformers import (
 import intel_compressor
 import intel_compressor_test
 from configs import Config
-from tests.conftest import FAST_TIMING, REPO, banking77_slice, shared_file
+from tests.helpers import FAST_TIMING, REPO, banking77_slice, shared_file
 from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
 
 REPORT_FIELDS = {

@@ -16,7 +16,7 @@ import intel_compressor
 import manual_classification
 import trainer_classification
 from intel_compressor_test import LongText, aggregate_windows, load_classifier, model_inputs, window_starts
-from tests.conftest import FAST_TIMING, REPO, shared_file, tiny_run_args
+from tests.helpers import FAST_TIMING, REPO, shared_file, tiny_run_args
 from utility_functions import LabeledData, encode, load_tokenizer
 
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 import manual_classification
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 
 @pytest.mark.slow

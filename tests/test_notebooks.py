@@ -13,7 +13,7 @@ import pytest
 from nbclient import NotebookClient
 
 from notebooks import analysis
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds; a cell that hangs fails the test instead of the CI job

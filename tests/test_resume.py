@@ -8,21 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 import manual_classification
 import trainer_classification
-from tests.conftest import REPO, banking77_slice, tiny_run_args
-
-# On CPU the resumed run repeats the same float operations in the same order: losses agree
-# to the last bit in practice; the tolerance only absorbs summation-order noise.
-LOSS_TOLERANCE = 1e-6
-
-
-def step_losses(log_dir) -> dict[int, float]:
-    events = EventAccumulator(str(log_dir)).Reload()
-    return {e.step: e.value for e in events.Scalars("train/loss")}
+from tests.helpers import LOSS_TOLERANCE, REPO, banking77_slice, interrupt_after_checkpoint, step_losses, tiny_run_args
 
 
 def resume_args(slice_files) -> list[str]:
@@ -44,19 +34,6 @@ def assert_resumed_like_straight(tmp_path, stop: int, straight: dict, resumed: d
         assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
     assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
     assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
-
-
-def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
-    """Make the manual loop stop as Ctrl-C would, right after it has written checkpoint `step`."""
-    real_save = manual_classification.save_training_state
-
-    def save_then_interrupt(run_dir, saved_step, state, keep):
-        path = real_save(run_dir, saved_step, state, keep)
-        if saved_step == step:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(manual_classification, "save_training_state", save_then_interrupt)
 
 
 def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str], stop_step) -> None:

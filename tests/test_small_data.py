@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 import manual_classification
 import trainer_classification
 from configs import Config, parse_config
-from tests.conftest import tiny_run_args
+from tests.helpers import tiny_run_args
 from utility_functions import (
     build_loss,
     build_model,

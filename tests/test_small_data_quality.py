@@ -8,7 +8,7 @@ import pytest
 import manual_classification
 import split_csv_script
 from benchmarks.small_data import fine_tuned, linear_probe
-from tests.conftest import shared_file
+from tests.helpers import shared_file
 
 
 def banking77_few_shot(directory, intents: int, shots: int) -> list[str]:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import split_csv_script
-from tests.conftest import REPO, shared_file
+from tests.helpers import REPO, shared_file
 
 
 def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):

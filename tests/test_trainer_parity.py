@@ -8,7 +8,7 @@ import torch
 import manual_classification
 import trainer_classification
 from configs import parse_config
-from tests.conftest import banking77_slice, shared_file, tiny_run_args
+from tests.helpers import banking77_slice, shared_file, tiny_run_args
 from utility_functions import build_loss, build_model, prepare_run
 
 # Both runs see the same data with the same seed, but Trainer's length-grouped sampler orders the

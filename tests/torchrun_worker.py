@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import manual_classification
 import trainer_classification
 import utility_functions
-from tests.test_resume import interrupt_after_checkpoint
+from tests.helpers import interrupt_after_checkpoint
 
 
 def digest(model: torch.nn.Module) -> str:
