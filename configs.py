@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from intel_compressor_test import DataError
+
 EMBEDDED_PREFIX = "embedded:"
 
 # Where the embedded defaults live inside their pip packages. We locate the files with
@@ -153,18 +155,19 @@ class Config:
     logging_dir: str = _arg("runs", "TensorBoard logs go to <logging_dir>/<run_name>/ (tensorboard --logdir runs).")
 
 
-def resolve_embedded(value: str) -> str:
-    """Map an `embedded:` default to the file inside its pip package; other values pass through."""
+def resolve_embedded(value: str, option: str = "") -> str:
+    """Map an `embedded:` default to the file inside its pip package; other values pass through.
+    `option` (a flag name) goes into the error message."""
     if not value.startswith(EMBEDDED_PREFIX):
         return value
+    named = f"--{option} {value}" if option else value
     if value not in EMBEDDED_FILES:
-        known = ", ".join(EMBEDDED_FILES)
-        raise ValueError(f"unknown embedded resource {value!r}; known: {known}")
+        raise DataError(f"{named}: unknown embedded resource; known: {', '.join(EMBEDDED_FILES)}")
     package, relative = EMBEDDED_FILES[value]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise ValueError(f"{value} needs the package {pip_name}: pip install --no-deps {pip_name}")
+        raise DataError(f"{named}: needs the package {pip_name}: pip install --no-deps {pip_name}")
     return str(Path(spec.submodule_search_locations[0]) / relative)
 
 
@@ -220,13 +223,13 @@ def checkpoint_to_resume(config: Config) -> Path:
     if config.resume != "latest":
         path = Path(config.resume)
         if not path.is_dir():
-            raise SystemExit(f"error: --resume {path}: no such checkpoint directory")
+            raise DataError(f"--resume {path}: no such checkpoint directory")
         return path
     if not config.run_name:
-        raise SystemExit("error: --resume without a path needs --run_name of the run to resume")
+        raise DataError("--resume without a path needs --run_name of the run to resume")
     checkpoints = sorted((run_directory(config) / "checkpoints").glob("checkpoint-*"), key=checkpoint_step)
     if not checkpoints:
-        raise SystemExit(f"error: --resume: no checkpoint under {run_directory(config) / 'checkpoints'}")
+        raise DataError(f"--resume: no checkpoint under {run_directory(config) / 'checkpoints'}")
     return checkpoints[-1]
 
 
@@ -238,7 +241,7 @@ def saved_config_path(config: Config) -> Path:
     """<run>/config.json of the run a checkpoint belongs to (<run>/checkpoints/checkpoint-N)."""
     path = checkpoint_to_resume(config).parent.parent / "config.json"
     if not path.is_file():
-        raise SystemExit(f"error: --resume: {path} not found; is this a checkpoint of a run?")
+        raise DataError(f"--resume: {path} not found; is this a checkpoint of a run?")
     return path
 
 
@@ -247,27 +250,27 @@ def check_config(config: Config) -> None:
     positive = ["batch_size", "epochs", "max_length", "gradient_accumulation_steps", "logging_steps", "save_total_limit"]
     for name in positive:
         if getattr(config, name) < 1:
-            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(config, name)}")
+            raise DataError(f"--{name} must be at least 1, got {getattr(config, name)}")
     if not 0 < config.reduce_ratio <= 1:
-        raise SystemExit(f"error: --reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
+        raise DataError(f"--reduce_ratio must be in (0, 1], got {config.reduce_ratio}")
     if not 0 < config.valid_size < 1:
-        raise SystemExit(f"error: --valid_size must be in (0, 1), got {config.valid_size}")
+        raise DataError(f"--valid_size must be in (0, 1), got {config.valid_size}")
     if not 0 < config.in_scope_share <= 1:
-        raise SystemExit(f"error: --in_scope_share must be in (0, 1], got {config.in_scope_share}")
+        raise DataError(f"--in_scope_share must be in (0, 1], got {config.in_scope_share}")
     if not 0 <= config.head_share <= 1:
-        raise SystemExit(f"error: --head_share must be in [0, 1], got {config.head_share}")
+        raise DataError(f"--head_share must be in [0, 1], got {config.head_share}")
     if config.window_stride < 0 or config.window_stride > config.max_length - 2:
-        raise SystemExit(f"error: --window_stride must be in [0, max_length - 2], got {config.window_stride}")
+        raise DataError(f"--window_stride must be in [0, max_length - 2], got {config.window_stride}")
     if config.train_windows < 0:
-        raise SystemExit(f"error: --train_windows must not be negative, got {config.train_windows}")
+        raise DataError(f"--train_windows must not be negative, got {config.train_windows}")
     if config.probe_c <= 0:
-        raise SystemExit(f"error: --probe_c must be positive, got {config.probe_c}")
+        raise DataError(f"--probe_c must be positive, got {config.probe_c}")
     if not 0 <= config.warmup_ratio < 1:
-        raise SystemExit(f"error: --warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
+        raise DataError(f"--warmup_ratio must be in [0, 1), got {config.warmup_ratio}")
     for name in ("min_steps", "early_stopping_patience"):
         if getattr(config, name) < 0:
-            raise SystemExit(f"error: --{name} must not be negative, got {getattr(config, name)}")
+            raise DataError(f"--{name} must not be negative, got {getattr(config, name)}")
     if config.freeze_layers < 0 or config.freeze_epochs < 0:
-        raise SystemExit("error: --freeze_layers and --freeze_epochs must not be negative")
+        raise DataError("--freeze_layers and --freeze_epochs must not be negative")
     if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
-        raise SystemExit(f"error: --device must be auto, cpu or cuda, got {config.device!r}")
+        raise DataError(f"--device must be auto, cpu or cuda, got {config.device!r}")

@@ -70,6 +70,7 @@ from intel_compressor_test import (
     onnx_forward,
     pad,
     required_cpu_flags,
+    run_cli,
 )
 from utility_functions import (
     DataError,
@@ -80,7 +81,6 @@ from utility_functions import (
     load_data,
     replace_directory,
     resolve_config,
-    run_cli,
     stratify_keys,
     take_per_group,
     write_json,

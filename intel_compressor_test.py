@@ -48,8 +48,24 @@ MODEL_FILES = {"onnx": "model.onnx", "aoti": "model.so"}
 ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
-class EdgeError(ValueError):
-    """Bad input. The message is one line that names the directory, file, column or row."""
+class DataError(ValueError):
+    """Bad input to any script of this project (defined here, in the one module that must run
+    without the others, and imported by them): the message is one line that names the option,
+    file, row or column."""
+
+
+def run_cli(main: Callable[[list[str] | None], object]) -> int:
+    """Run a script's main the way every script of this project ends: bad input (DataError, a
+    missing file) prints one `error:` line and exits with 2, Ctrl-C exits with 130, neither with
+    a traceback; argparse's own usage errors exit with 2 too."""
+    try:
+        main(None)
+    except (DataError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,10 +258,10 @@ def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarr
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EdgeError(f"{path}: not a loadable ONNX model ({reason})") from None
+        raise DataError(f"{path}: not a loadable ONNX model ({reason})") from None
     inputs = sorted(i.name for i in session.get_inputs())
     if inputs != sorted(ONNX_INPUTS):
-        raise EdgeError(f"{path}: not a model from intel_compressor.py (inputs {', '.join(inputs)}; expected {', '.join(ONNX_INPUTS)})")
+        raise DataError(f"{path}: not a model from intel_compressor.py (inputs {', '.join(inputs)}; expected {', '.join(ONNX_INPUTS)})")
 
     def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -297,7 +313,7 @@ def check_cpu(directory: Path, config: dict) -> None:
     machine, missing = platform.machine(), sorted(set(config["cpu_flags"]) - cpu_info()[2])
     if config["machine"] != machine or missing:
         lacks = f"a {machine} CPU" if config["machine"] != machine else "a CPU without " + " ".join(missing)
-        raise EdgeError(
+        raise DataError(
             f"{directory}: {MODEL_FILES['aoti']} was compiled for {config['machine']} {config['cpu_capability']}, this is {lacks}; "
             "use the portable --format onnx model, or run intel_compressor.py on this machine"
         )
@@ -314,7 +330,7 @@ def load_libtorch() -> ctypes.CDLL:
     spec = importlib.util.find_spec("torch")
     library = Path(spec.submodule_search_locations[0]) / "lib" / "libtorch_cpu.so" if spec and spec.submodule_search_locations else None
     if library is None or not library.is_file():
-        raise EdgeError("the torch wheel is not installed: model.so runs on its libtorch_cpu.so (pip install -r requirements-edge.txt)")
+        raise DataError("the torch wheel is not installed: model.so runs on its libtorch_cpu.so (pip install -r requirements-edge.txt)")
     libtorch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     handle, pointer = ctypes.c_void_p, ctypes.POINTER
     signatures = {
@@ -394,13 +410,13 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise EdgeError(f"{path}: cannot read ({type(error).__name__})") from None
+        raise DataError(f"{path}: cannot read ({type(error).__name__})") from None
 
 
 def load_tokenizer(directory: Path) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise EdgeError(f"{directory}: no tokenizer.json (a fast tokenizer is needed at the edge)")
+        raise DataError(f"{directory}: no tokenizer.json (a fast tokenizer is needed at the edge)")
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()  # padding happens per batch, to the longest text in it
     tokenizer.no_truncation()  # LongText cuts the tokens to max_length
@@ -433,7 +449,7 @@ def load_program(directory: Path, config: dict) -> Callable[[np.ndarray, np.ndar
     check_cpu(directory, config)
     installed = version("torch") if importlib.util.find_spec("torch") else "none"
     if config["torch_version"] != installed:
-        raise EdgeError(
+        raise DataError(
             f"{directory}: compiled for torch {config['torch_version']}, the installed torch is {installed}; "
             "install that version or re-run intel_compressor.py here"
         )
@@ -444,9 +460,9 @@ def load_int8(directory: Path, threads: int) -> EdgeClassifier:
     config = read_json(directory / EDGE_CONFIG)
     fmt = config.get("format")
     if fmt not in FORMATS:
-        raise EdgeError(f"{directory / EDGE_CONFIG}: unknown format {fmt!r} (expected {' or '.join(FORMATS)})")
+        raise DataError(f"{directory / EDGE_CONFIG}: unknown format {fmt!r} (expected {' or '.join(FORMATS)})")
     if not (directory / MODEL_FILES[fmt]).is_file():
-        raise EdgeError(f"{directory}: no {MODEL_FILES[fmt]} (edge_config.json says format {fmt})")
+        raise DataError(f"{directory}: no {MODEL_FILES[fmt]} (edge_config.json says format {fmt})")
     forward = onnx_forward(directory / MODEL_FILES[fmt], threads) if fmt == "onnx" else load_program(directory, config)
     return EdgeClassifier(
         labels=config["labels"],
@@ -501,7 +517,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
 
     model_config = read_json(directory / "config.json")
     if not model_config.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])):
-        raise EdgeError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
+        raise DataError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
     tokenizer = load_tokenizer(directory)
     return EdgeClassifier(
@@ -522,12 +538,12 @@ def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
     Runtime (0: its default, one per core); the other paths follow OMP_NUM_THREADS (set_threads)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise EdgeError(f"--model {directory}: no such directory")
+        raise DataError(f"--model {directory}: no such directory")
     if (directory / EDGE_CONFIG).is_file():
         return load_int8(directory, threads)
     if (directory / "config.json").is_file():
         return load_fp32(directory)
-    raise EdgeError(f"--model {directory}: not a model directory (no {EDGE_CONFIG} or config.json)")
+    raise DataError(f"--model {directory}: not a model directory (no {EDGE_CONFIG} or config.json)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,13 +579,13 @@ def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[
         reader = csv.DictReader(f)
         header = reader.fieldnames
         if not header:
-            raise EdgeError(f"{path}: empty file (no header row)")
+            raise DataError(f"{path}: empty file (no header row)")
         if column not in header:
-            raise EdgeError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(header)})")
         chunk: list[dict[str, str]] = []
         for row in reader:
             if not (row.get(column) or "").strip():
-                raise EdgeError(f"{path}: row {reader.line_num}: empty text in column {column!r}")
+                raise DataError(f"{path}: row {reader.line_num}: empty text in column {column!r}")
             chunk.append(row)
             if len(chunk) == chunk_rows:
                 yield list(header), chunk
@@ -577,7 +593,7 @@ def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[
         if chunk:
             yield list(header), chunk
         elif reader.line_num <= 1:
-            raise EdgeError(f"{path}: no rows below the header")
+            raise DataError(f"{path}: no rows below the header")
 
 
 def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
@@ -585,7 +601,7 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
 
     source = Path(args.input)
     if not source.is_file():
-        raise EdgeError(f"--input {source}: no such file")
+        raise DataError(f"--input {source}: no such file")
     target = Path(args.output) if args.output else source.with_name(f"{source.stem}_predictions.csv")
     prob_columns = [f"prob_{label}" for label in classifier.labels]
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -622,7 +638,7 @@ def set_threads(count: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if bool(args.texts) == bool(args.input):
-        raise EdgeError("give texts to classify or --input FILE.csv (one of the two)")
+        raise DataError("give texts to classify or --input FILE.csv (one of the two)")
     if args.num_threads > 0:
         set_threads(args.num_threads)
     started = time.perf_counter()
@@ -636,10 +652,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (EdgeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run_cli(main))

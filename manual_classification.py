@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from configs import checkpoint_to_resume, parse_config
+from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
     DataError,
@@ -54,7 +55,6 @@ from utility_functions import (
     progress_bar,
     restore_rng_state,
     rng_state,
-    run_cli,
     save_model_directory,
     save_training_state,
     stopped_early,

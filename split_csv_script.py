@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from configs import Config
+from intel_compressor_test import run_cli
 from utility_functions import (
     DataError,
     LabelSpace,
@@ -29,7 +30,6 @@ from utility_functions import (
     hard_label_sets,
     held_out_count,
     read_table,
-    run_cli,
     stratify_keys,
     take_per_group,
     write_csv,

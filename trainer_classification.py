@@ -22,6 +22,7 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainer
 from transformers.integrations import TensorBoardCallback
 
 from configs import Config, checkpoint_to_resume, parse_config
+from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
     EncodedDataset,
@@ -39,7 +40,6 @@ from utility_functions import (
     leave_processes,
     prepare_run,
     probabilities,
-    run_cli,
     save_model_directory,
     test_best_model,
     train_collator,

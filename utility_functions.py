@@ -33,28 +33,20 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 from torch import nn
 
 from configs import Config, checkpoint_step, resolve_embedded, run_directory
-from intel_compressor_test import LongText, aggregate_windows, long_text_from, model_inputs, ood_scores, special_tokens
+from intel_compressor_test import (
+    DataError,
+    LongText,
+    aggregate_windows,
+    long_text_from,
+    model_inputs,
+    ood_scores,
+    special_tokens,
+)
 
 # ---------------------------------------------------------------------------------------
-# Errors and atomic writes
+# Atomic writes and training states (DataError and run_cli, the one error path of every script,
+# come from intel_compressor_test.py, which must run alone at the edge)
 # ---------------------------------------------------------------------------------------
-
-
-class DataError(ValueError):
-    """Bad input. The message is one line that names the file, column or row."""
-
-
-def run_cli(main: Callable[[list[str] | None], Any]) -> int:
-    """Run a script's main; bad input ends with one `error:` line and exit code 2, Ctrl-C with
-    exit code 130, neither with a traceback."""
-    try:
-        main(None)
-    except (DataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
 
 
 def _default_mode(directory: bool) -> int:
@@ -730,9 +722,16 @@ def is_local_path(name: str) -> bool:
     return Path(name).exists()
 
 
+def looks_like_a_path(name: str) -> bool:
+    """A path, not a hub id: absolute, relative to here or home (hub ids are `name` or `org/name`)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
+    if looks_like_a_path(name) and not Path(name).expanduser().exists():
+        raise DataError(f"--model_name_or_path {name}: no such directory")
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=is_local_path(name))
     except (OSError, ValueError) as error:
@@ -1191,10 +1190,10 @@ def resolve_config(config: Config) -> Config:
     return dataclasses.replace(
         config,
         window_stride=config.window_stride or config.max_length // 2,
-        model_name_or_path=resolve_embedded(config.model_name_or_path),
-        train_file=resolve_embedded(config.train_file),
-        validation_file=resolve_embedded(config.validation_file),
-        test_file=resolve_embedded(config.test_file),
+        model_name_or_path=resolve_embedded(config.model_name_or_path, "model_name_or_path"),
+        train_file=resolve_embedded(config.train_file, "train_file"),
+        validation_file=resolve_embedded(config.validation_file, "validation_file"),
+        test_file=resolve_embedded(config.test_file, "test_file"),
         run_name=config.run_name or time.strftime("%Y%m%d-%H%M%S"),
     )
 

@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import manual_classification
+from intel_compressor_test import run_cli
 from tests.helpers import LOSS_TOLERANCE, REPO, banking77_slice, step_losses, tiny_run_args
-from utility_functions import TrainBatchSampler, load_training_state, run_cli
+from utility_functions import TrainBatchSampler, load_training_state
 
 
 def torchrun(script: str, args: list[str], digest_prefix, **env: str) -> subprocess.CompletedProcess:

@@ -31,8 +31,9 @@ from transformers import (
 import intel_compressor
 import intel_compressor_test
 from configs import Config
+from intel_compressor_test import run_cli
 from tests.helpers import FAST_TIMING, REPO, banking77_slice, shared_file
-from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits, run_cli
+from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits
 
 REPORT_FIELDS = {
     "format", "mode", "fp32_layers", "inc_version", "onnxruntime_version", "torch_version", "source", "metric",
@@ -219,7 +220,7 @@ def edited_copy(directory: Path, target: Path, **changes) -> Path:
 def test_edge_refuses_a_program_compiled_for_another_torch(banking_aoti, tmp_path):
     copy = edited_copy(banking_aoti["int8"], tmp_path / "int8", torch_version="2.12.0+cpu")
     installed = re.escape(version("torch"))
-    with pytest.raises(intel_compressor_test.EdgeError, match=rf"compiled for torch 2.12.0\+cpu, the installed torch is {installed}"):
+    with pytest.raises(intel_compressor_test.DataError, match=rf"compiled for torch 2.12.0\+cpu, the installed torch is {installed}"):
         intel_compressor_test.load_classifier(copy)
 
 
@@ -227,10 +228,10 @@ def test_edge_refuses_a_program_compiled_for_instructions_this_cpu_lacks(banking
     """As if built on a CPU with an extension this one lacks, or on another architecture: one line
     before model.so is loaded, instead of an illegal instruction."""
     lacking = edited_copy(banking_aoti["int8"], tmp_path / "flags", cpu_capability="AVX512", cpu_flags=["avx512f", "avx9000"])
-    with pytest.raises(intel_compressor_test.EdgeError, match=r"compiled for \S+ AVX512, this is a CPU without avx9000; use the portable --format onnx"):
+    with pytest.raises(intel_compressor_test.DataError, match=r"compiled for \S+ AVX512, this is a CPU without avx9000; use the portable --format onnx"):
         intel_compressor_test.load_classifier(lacking)
     arm = edited_copy(banking_aoti["int8"], tmp_path / "arm", machine="aarch64", cpu_capability="SVE256", cpu_flags=[])
-    with pytest.raises(intel_compressor_test.EdgeError, match=rf"compiled for aarch64 SVE256, this is a {platform.machine()} CPU"):
+    with pytest.raises(intel_compressor_test.DataError, match=rf"compiled for aarch64 SVE256, this is a {platform.machine()} CPU"):
         intel_compressor_test.load_classifier(arm)
 
 
@@ -238,7 +239,7 @@ def test_edge_names_a_truncated_or_foreign_onnx_model(banking_runs, tmp_path):
     truncated = shutil.copytree(banking_runs["int8"], tmp_path / "truncated")
     data = (truncated / "model.onnx").read_bytes()
     (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(intel_compressor_test.EdgeError, match=r"truncated/model.onnx: not a loadable ONNX model \(.*\)$"):
+    with pytest.raises(intel_compressor_test.DataError, match=r"truncated/model.onnx: not a loadable ONNX model \(.*\)$"):
         intel_compressor_test.load_classifier(truncated)
     foreign = shutil.copytree(banking_runs["int8"], tmp_path / "foreign")
     graph = onnx.helper.make_graph(
@@ -247,7 +248,7 @@ def test_edge_names_a_truncated_or_foreign_onnx_model(banking_runs, tmp_path):
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3])],
     )  # fmt: skip
     onnx.save(onnx.helper.make_model(graph), foreign / "model.onnx")
-    with pytest.raises(intel_compressor_test.EdgeError, match=r"foreign/model.onnx: not a model from intel_compressor.py \(inputs pixels; expected"):
+    with pytest.raises(intel_compressor_test.DataError, match=r"foreign/model.onnx: not a model from intel_compressor.py \(inputs pixels; expected"):
         intel_compressor_test.load_classifier(foreign)
 
 
@@ -375,9 +376,9 @@ def test_edge_script_rejects_an_empty_csv_in_one_line(banking_runs, tmp_path, co
 
 
 def test_edge_script_names_missing_directory_and_column(banking_runs, tmp_path):
-    with pytest.raises(intel_compressor_test.EdgeError, match="no such directory"):
+    with pytest.raises(intel_compressor_test.DataError, match="no such directory"):
         intel_compressor_test.load_classifier(tmp_path / "nowhere")
     source = tmp_path / "in.csv"
     source.write_text("sentence\nhello\n")
-    with pytest.raises(intel_compressor_test.EdgeError, match=r"in.csv: no column 'text' \(columns: sentence\)"):
+    with pytest.raises(intel_compressor_test.DataError, match=r"in.csv: no column 'text' \(columns: sentence\)"):
         intel_compressor_test.main([f"--model={banking_runs['int8']}", f"--input={source}"])
