@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
@@ -120,4 +121,6 @@ def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_
                                           "--run_name=interrupted", "--resume"])
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert resumed["test"]["accuracy"] > 0
+    predictions = pd.read_csv(run_dir / "test_predictions.csv")
+    assert resumed["test"]["accuracy"] == pytest.approx((predictions["label"] == predictions["predicted"]).mean())
+    assert resumed["best"] == max(history, key=lambda h: h["macro_f1"])  # picked over all 3 epochs

@@ -16,6 +16,7 @@ from utility_functions import build_loss, build_model, prepare_run
 # settings below, test accuracies (manual/Trainer) over seeds 42, 1-7 were 0.98/1.0, 0.97/0.96,
 # 0.97/0.96, 0.95/0.99, 1.0/0.95, 0.94/0.97, 0.97/0.95, 0.97/0.96: gaps of at most 0.05.
 F1_TOLERANCE = 0.08
+FIRST_BATCH_LOSS = {"binary": 0.713360, "multiclass": 1.663560, "multilabel": 0.693041}
 
 
 def task_files(task: str, tmp_path) -> list[str]:
@@ -48,7 +49,8 @@ def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, t
     manual_loss = loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
     assert trainer_loss.item() == pytest.approx(manual_loss.item(), rel=1e-6, abs=1e-7)
-    assert manual_loss.item() > 0
+    # pinned (CPU, torch 2.13.0): the untrained model's loss on the first 8 rows; regenerate by printing it
+    assert manual_loss.item() == pytest.approx(FIRST_BATCH_LOSS[task], rel=1e-4)
 
 
 def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
@@ -68,5 +70,6 @@ def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
         run_dir = result["run_dir"]
         for name in ("config.json", "metrics.json", "test_metrics.json", "test_predictions.csv", "best_model/model.safetensors"):
             assert (run_dir / name).is_file(), (run_dir, name)
-        assert result["test"]["accuracy"] > 0.8  # both learn: chance is 0.2
     assert abs(manual["test"]["macro_f1"] - trainer["test"]["macro_f1"]) <= F1_TOLERANCE, (manual["test"], trainer["test"])
+    # pinned (CPU, torch 2.13.0) to one test row of 100: chance is 0.2; regenerate by printing them
+    assert (manual["test"]["accuracy"], trainer["test"]["accuracy"]) == pytest.approx((0.99, 0.97), abs=0.01 + 1e-9)

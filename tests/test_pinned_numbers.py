@@ -1,0 +1,59 @@
+"""Pinned numbers, as torchtune's recipe tests pin them: the seeded tiny-BERT runs of the session
+fixtures (both scripts on the BANKING77 slice, the manual loop on NLU++) must log these training
+losses and end with these validation figures. The resume and parity tests compare the code with
+itself; these fail when a change moves every loss.
+
+CPU only, torch 2.13.0. The tolerances absorb float noise between CPUs (AVX2 and AVX-512 kernels sum
+in different orders) and nothing more: losses to 1e-3 relative; validation accuracy to one row. To
+regenerate after an intended change, run `pytest tests/test_pinned_numbers.py -s` with
+PRINT_PINNED=1, paste the printed values here, and say why in the commit message.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from configs import Config
+from tests.helpers import step_losses
+from utility_functions import load_data
+
+LOSS_TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
+
+PINNED = {
+    "banking77 manual": {
+        "train/loss": {10: 1.654515, 20: 1.661057, 30: 1.645893, 40: 1.416088, 50: 1.132121},
+        "valid": {"loss": 0.650175, "accuracy": 0.75, "macro_f1": 0.686869},
+    },
+    "banking77 trainer": {
+        "train/loss": {10: 1.624767, 20: 1.628414, 30: 1.692842, 40: 1.584336, 50: 1.381042},
+        "valid": {"loss": 1.407096, "accuracy": 0.3, "macro_f1": 0.177778},
+    },
+    "nlupp manual": {
+        "train/loss": {10: 0.542232, 20: 0.205452, 30: 0.330828, 40: 0.181731, 50: 0.196071},
+        "valid": {"loss": 0.162561, "accuracy": 0.0, "micro_f1": 0.182243},
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_logged_losses_and_final_validation_figures_are_the_pinned_ones(name, banking_runs, nlupp_run):
+    data, run = name.split()
+    directory = {"banking77": banking_runs, "nlupp": nlupp_run}[data]["directory"]
+    best = json.loads((directory / "outputs" / run / "metrics.json").read_text())["best"]
+    metric = "micro_f1" if data == "nlupp" else "macro_f1"
+    got = {
+        "train/loss": dict(list(step_losses(directory / "runs" / run).items())[:5]),  # the first 5 logged
+        "valid": {key: round(best[key], 6) for key in ("loss", "accuracy", metric)},
+    }
+    if os.environ.get("PRINT_PINNED"):
+        print(f'\n"{name}": {got},')
+    pinned = PINNED[name]
+    assert list(got["train/loss"]) == list(pinned["train/loss"])  # the same logged steps
+    torch.testing.assert_close(list(got["train/loss"].values()), list(pinned["train/loss"].values()), **LOSS_TOLERANCE)
+    torch.testing.assert_close(got["valid"]["loss"], pinned["valid"]["loss"], **LOSS_TOLERANCE)
+    config = Config(**json.loads((directory / "outputs" / run / "config.json").read_text()))
+    one_row = 1 / len(load_data(config)[2])  # one validation text predicted otherwise
+    assert got["valid"]["accuracy"] == pytest.approx(pinned["valid"]["accuracy"], abs=one_row + 1e-9)
+    assert got["valid"][metric] == pytest.approx(pinned["valid"][metric], abs=2 * one_row + 1e-9)
