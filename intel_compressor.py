@@ -64,6 +64,7 @@ from intel_compressor_test import (
     FORMATS,
     MODEL_FILES,
     EdgeClassifier,
+    HelpFormatter,
     cpu_description,
     load_classifier,
     long_text_settings,
@@ -96,20 +97,20 @@ ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory written by either training script.")
-    parser.add_argument("--output", default="", help="Where to write the int8 model (default: <model>-int8 beside it).")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx: portable, ONNX Runtime (default); aoti: compiled for this CPU and torch.")
-    parser.add_argument("--mode", default="static", choices=[*MODES, "auto"], help="Quantization mode (default static).")
-    parser.add_argument("--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points (default 0.5).")
-    parser.add_argument("--calibration_size", type=int, default=1000, help="Training texts that calibrate activation ranges (default 1000).")
-    parser.add_argument("--train_file", default="", help="Calibration data (default: the run's train_file).")
-    parser.add_argument("--validation_file", default=None, help="Accuracy-check data (default: the run's validation split).")
-    parser.add_argument("--max_validation_rows", type=int, default=0, help="Evaluate on a stratified sample of this many rows; 0 = all (default 0).")
-    parser.add_argument("--timing_texts", type=int, default=1000, help="Validation texts per batch-32 throughput round (default 1000).")
-    parser.add_argument("--latency_texts", type=int, default=50, help="Validation texts timed one by one for batch-1 latency (default 50).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Batch size of evaluation and throughput (default 32).")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps the libraries' defaults, one per core (default 0).")
+    parser.add_argument("--output", default="", help="Where to write the int8 model; empty: <model>-int8 beside it.")
+    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx: portable, ONNX Runtime; aoti: compiled for this CPU and torch.")
+    parser.add_argument("--mode", default="static", choices=[*MODES, "auto"], help="Quantization mode.")
+    parser.add_argument("--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points.")
+    parser.add_argument("--calibration_size", type=int, default=1000, help="Training texts that calibrate activation ranges.")
+    parser.add_argument("--train_file", default="", help="Calibration data; empty: the run's train_file.")
+    parser.add_argument("--validation_file", default=None, help="Accuracy-check data; None: the run's validation split.")
+    parser.add_argument("--max_validation_rows", type=int, default=0, help="Evaluate on a stratified sample of this many rows; 0 = all.")
+    parser.add_argument("--timing_texts", type=int, default=1000, help="Validation texts per batch-32 throughput round.")
+    parser.add_argument("--latency_texts", type=int, default=50, help="Validation texts timed one by one for batch-1 latency.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Batch size of evaluation and throughput.")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps the libraries' defaults, one per core.")
     return parser
 
 

@@ -48,6 +48,10 @@ MODEL_FILES = {"onnx": "model.onnx", "aoti": "model.so"}
 ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every script: the docstring's layout kept, every option's default shown."""
+
+
 class DataError(ValueError):
     """Bad input to any script of this project (defined here, in the one module that must run
     without the others, and imported by them): the message is one line that names the option,
@@ -552,16 +556,16 @@ def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("texts", nargs="*", help="Texts to classify (or use --input).")
     parser.add_argument("--model", required=True, help="int8 directory from intel_compressor.py, or an fp32 best_model directory.")
     parser.add_argument("--input", default="", help="CSV file to classify, streamed in chunks.")
-    parser.add_argument("--text_column", default="text", help="Column of --input holding the texts (default text).")
-    parser.add_argument("--output", default="", help="CSV to write (--input only; default: <input stem>_predictions.csv).")
-    parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell (default ;).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass (default 32).")
-    parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time (default 4096).")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: the runtime's default, one per core (default 0).")
+    parser.add_argument("--text_column", default="text", help="Column of --input holding the texts.")
+    parser.add_argument("--output", default="", help="CSV to write (--input only); empty: <input stem>_predictions.csv beside it.")
+    parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
+    parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time.")
+    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: the runtime's default, one per core.")
     return parser
 
 

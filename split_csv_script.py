@@ -1,10 +1,10 @@
 """Split one labelled table into train and test files, stratified by label and seeded.
 
-    python split_csv_script.py data.csv --test-size 0.2
+    python split_csv_script.py data.csv --test_size 0.2
     python split_csv_script.py nlu.csv --label_column labels --label_delimiter ";"   # multi-label
 
 Writes <stem>_train.csv and <stem>_test.csv beside the input (or in --output_dir) with the
-input's columns, rows in their original order. Every class keeps about --test-size of its rows
+input's columns, rows in their original order. Every class keeps about --test_size of its rows
 on the test side and at least one on each side; a class with a single row cannot be split and
 is refused. Multi-label rows are stratified by their rarest label, which spreads rare labels
 over both files, and every label of the test file also appears in the train file.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from configs import Config
-from intel_compressor_test import run_cli
+from intel_compressor_test import HelpFormatter, run_cli
 from utility_functions import (
     DataError,
     LabelSpace,
@@ -37,14 +37,15 @@ from utility_functions import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Config()  # the options shared with the training scripts mean the same and default alike
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("input", help="Table to split: .csv, .tsv, .csv.gz or .parquet.")
-    parser.add_argument("--test-size", "--test_size", type=float, default=0.2, help="Fraction of each class for the test file (default 0.2).")
-    parser.add_argument("--seed", type=int, default=42, help="Random seed (default 42).")
-    parser.add_argument("--label_column", default="label", help="Label column, or comma-separated soft-label columns (default label).")
-    parser.add_argument("--label_delimiter", default=";", help="Separator of labels in one multi-label cell (default ;).")
-    parser.add_argument("--task", default="auto", choices=["auto", "binary", "multiclass", "multilabel"], help="Task; auto detects it (default).")
-    parser.add_argument("--output_dir", default="", help="Where to write the two files (default: beside the input).")
+    parser.add_argument("--test_size", "--test-size", type=float, default=0.2, help="Fraction of each class for the test file.")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="Random seed.")
+    parser.add_argument("--label_column", default=defaults.label_column, help="Label column, or comma-separated soft-label columns.")
+    parser.add_argument("--label_delimiter", default=defaults.label_delimiter, help="Separator of labels in one multi-label cell.")
+    parser.add_argument("--task", default=defaults.task, choices=["auto", "binary", "multiclass", "multilabel"], help="Task; auto detects it.")
+    parser.add_argument("--output_dir", default="", help="Where to write the two files; empty: beside the input.")
     return parser
 
 
@@ -90,7 +91,7 @@ def output_paths(input_path: Path, output_dir: str) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     if not 0 < args.test_size < 1:
-        raise DataError(f"--test-size must be between 0 and 1, got {args.test_size}")
+        raise DataError(f"--test_size must be between 0 and 1, got {args.test_size}")
     config = dataclasses.replace(Config(), label_column=args.label_column, label_delimiter=args.label_delimiter, task=args.task)
     frame = read_table(args.input)
     space = detect_label_space(frame, args.input, config)

@@ -12,7 +12,7 @@ from tests.helpers import REPO, shared_file
 
 def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):
     source = shared_file("banking77/test.csv")
-    train_path, test_path = split_csv_script.main([str(source), "--test-size", "0.25", "--output_dir", str(tmp_path)])
+    train_path, test_path = split_csv_script.main([str(source), "--test_size", "0.25", "--output_dir", str(tmp_path)])
     original, train, test = pd.read_csv(source), pd.read_csv(train_path), pd.read_csv(test_path)
     assert (train_path.name, test_path.name) == ("test_train.csv", "test_test.csv")
     assert len(train) + len(test) == len(original)
@@ -25,9 +25,9 @@ def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "card_arrival" in printed and f"test {test_path}: {len(test)} rows" in printed
 
-    again = split_csv_script.main([str(source), "--test-size", "0.25", "--output_dir", str(tmp_path / "again")])
+    again = split_csv_script.main([str(source), "--test_size", "0.25", "--output_dir", str(tmp_path / "again")])
     assert pd.read_csv(again[1]).equals(test)
-    other = split_csv_script.main([str(source), "--test-size", "0.25", "--seed", "1", "--output_dir", str(tmp_path / "o")])
+    other = split_csv_script.main([str(source), "--test_size", "0.25", "--seed", "1", "--output_dir", str(tmp_path / "o")])
     assert not pd.read_csv(other[1]).equals(test)
 
 
@@ -59,5 +59,5 @@ def test_too_few_examples_is_refused_in_one_line(tmp_path):
 
 
 def test_bad_test_size():
-    with pytest.raises(split_csv_script.DataError, match="--test-size must be between 0 and 1"):
+    with pytest.raises(split_csv_script.DataError, match="--test_size must be between 0 and 1"):
         split_csv_script.main([str(shared_file("banking77/test.csv")), "--test-size", "1.5"])
