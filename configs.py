@@ -71,7 +71,9 @@ class Config:
         "text's label, and their logits combined into one prediction per text).",
         choices=["truncate", "head_tail", "windows"],
     )
-    head_share: float = _arg(0.25, "head_tail: the share of max_length taken from the start of the text; the rest from its end.")
+    head_share: float = _arg(
+        0.25, "head_tail: the share of max_length taken from the start of the text; the rest from its end."
+    )
     window_stride: int = _arg(0, "windows: tokens from one window's start to the next; 0: half of max_length.")
     window_aggregation: str = _arg(
         "auto",
@@ -247,7 +249,14 @@ def saved_config_path(config: Config) -> Path:
 
 def check_config(config: Config) -> None:
     """Fail early, with the flag's name, on values that would only break later."""
-    positive = ["batch_size", "epochs", "max_length", "gradient_accumulation_steps", "logging_steps", "save_total_limit"]
+    positive = [
+        "batch_size",
+        "epochs",
+        "max_length",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_total_limit",
+    ]
     for name in positive:
         if getattr(config, name) < 1:
             raise DataError(f"--{name} must be at least 1, got {getattr(config, name)}")

@@ -100,17 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory written by either training script.")
     parser.add_argument("--output", default="", help="Where to write the int8 model; empty: <model>-int8 beside it.")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="onnx: portable, ONNX Runtime; aoti: compiled for this CPU and torch.")
+    parser.add_argument(
+        "--format",
+        default="onnx",
+        choices=FORMATS,
+        help="onnx: portable, ONNX Runtime; aoti: compiled for this CPU and torch.",
+    )
     parser.add_argument("--mode", default="static", choices=[*MODES, "auto"], help="Quantization mode.")
-    parser.add_argument("--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points.")
-    parser.add_argument("--calibration_size", type=int, default=1000, help="Training texts that calibrate activation ranges.")
+    parser.add_argument(
+        "--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points."
+    )
+    parser.add_argument(
+        "--calibration_size", type=int, default=1000, help="Training texts that calibrate activation ranges."
+    )
     parser.add_argument("--train_file", default="", help="Calibration data; empty: the run's train_file.")
-    parser.add_argument("--validation_file", default=None, help="Accuracy-check data; None: the run's validation split.")
-    parser.add_argument("--max_validation_rows", type=int, default=0, help="Evaluate on a stratified sample of this many rows; 0 = all.")
-    parser.add_argument("--timing_texts", type=int, default=1000, help="Validation texts per batch-32 throughput round.")
-    parser.add_argument("--latency_texts", type=int, default=50, help="Validation texts timed one by one for batch-1 latency.")
+    parser.add_argument(
+        "--validation_file", default=None, help="Accuracy-check data; None: the run's validation split."
+    )
+    parser.add_argument(
+        "--max_validation_rows", type=int, default=0, help="Evaluate on a stratified sample of this many rows; 0 = all."
+    )
+    parser.add_argument(
+        "--timing_texts", type=int, default=1000, help="Validation texts per batch-32 throughput round."
+    )
+    parser.add_argument(
+        "--latency_texts", type=int, default=50, help="Validation texts timed one by one for batch-1 latency."
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of evaluation and throughput.")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0 keeps the libraries' defaults, one per core.")
+    parser.add_argument(
+        "--num_threads", type=int, default=0, help="CPU threads; 0 keeps the libraries' defaults, one per core."
+    )
     return parser
 
 
@@ -140,7 +159,9 @@ def check_model_directory(directory: Path) -> dict[str, Any]:
     config = json.loads(config_file.read_text(encoding="utf-8"))
     architectures = config.get("architectures") or []
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
-        raise DataError(f"--model {directory}: not a sequence classifier (architectures: {', '.join(architectures) or 'none'})")
+        raise DataError(
+            f"--model {directory}: not a sequence classifier (architectures: {', '.join(architectures) or 'none'})"
+        )
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise DataError(
             f"--model {directory}: architecture {config.get('model_type')!r} is not supported "
@@ -158,7 +179,9 @@ def run_config(directory: Path, args: argparse.Namespace) -> Config:
     elif args.train_file:
         config = Config(model_name_or_path=str(directory), validation_file="", test_file="")
     else:
-        raise DataError(f"--model {directory}: no training_config.json; give --train_file (and --validation_file) for calibration")
+        raise DataError(
+            f"--model {directory}: no training_config.json; give --train_file (and --validation_file) for calibration"
+        )
     overrides = {"test_file": ""}
     if args.train_file:
         overrides["train_file"] = args.train_file
@@ -177,7 +200,10 @@ def stratified_sample(data: LabeledData, task: str, size: int, seed: int) -> Lab
 def check_labels(model_config: dict[str, Any], labels: list[str], directory: Path) -> None:
     model_labels = [model_config["id2label"][str(i)] for i in range(len(model_config["id2label"]))]
     if model_labels != labels:
-        raise DataError(f"--model {directory}: its labels differ from the data's ({len(model_labels)} vs {len(labels)}); check --train_file")
+        raise DataError(
+            f"--model {directory}: its labels differ from the data's "
+            f"({len(model_labels)} vs {len(labels)}); check --train_file"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,7 +225,9 @@ class Logits(nn.Module):
 def load_hf_model(directory: Path, attention: str | None = None) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True, attn_implementation=attention).eval()
+    return AutoModelForSequenceClassification.from_pretrained(
+        directory, local_files_only=True, attn_implementation=attention
+    ).eval()
 
 
 def export_onnx(source: Path, example: tuple[torch.Tensor, torch.Tensor], target: Path) -> None:
@@ -208,9 +236,15 @@ def export_onnx(source: Path, example: tuple[torch.Tensor, torch.Tensor], target
     Attention ops; the torch.export-based exporter's graph (SDPA with a where-masked softmax) got
     no Attention fusion here, and the fused graph is 20-30% faster at int8. The example batch must
     hold padding, or tracing drops the mask."""
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch"},
+    }
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated (and chatty about tracing), not removed
+        warnings.simplefilter(
+            "ignore"
+        )  # the TorchScript exporter is deprecated (and chatty about tracing), not removed
         torch.onnx.export(
             Logits(load_hf_model(source, "eager")).eval(), example, str(target), input_names=list(ONNX_INPUTS),
             output_names=["logits"], dynamic_axes=axes, dynamo=False,
@@ -227,7 +261,9 @@ def fuse_transformer_ops(source: Path, target: Path, model_config: dict[str, Any
     options.enable_embed_layer_norm = False
     heads = model_config.get("num_attention_heads") or model_config.get("n_heads") or 0
     hidden = model_config.get("hidden_size") or model_config.get("dim") or 0
-    fused = optimizer.optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden, optimization_options=options)
+    fused = optimizer.optimize_model(
+        str(source), model_type="bert", num_heads=heads, hidden_size=hidden, optimization_options=options
+    )
     fused.save_model_to_file(str(target))
     return {name: count for name, count in fused.get_fused_operator_statistics().items() if count}
 
@@ -252,10 +288,16 @@ def onnx_head_nodes(path: Path, head_layers: list[str]) -> list[str]:
     import onnx
 
     prefixes = tuple("/" + name.replace(".", "/") + "/" for name in head_layers)
-    return [node.name for node in onnx.load(str(path), load_external_data=False).graph.node if node.name.startswith(prefixes)]
+    return [
+        node.name
+        for node in onnx.load(str(path), load_external_data=False).graph.node
+        if node.name.startswith(prefixes)
+    ]
 
 
-def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], fp32_nodes: list[str], target: Path) -> None:
+def quantize_onnx(
+    fused: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], fp32_nodes: list[str], target: Path
+) -> None:
     """One INC int8 model from the fused fp32 graph, written as a single self-contained file. Weights
     get one scale per output channel: with one per tensor (INC's and ONNX Runtime's default), MiniLM
     on IMDB at 256 tokens lost 3.4 points of test accuracy (static) where per channel lost 1.1."""
@@ -265,14 +307,25 @@ def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.nda
     from onnx_neural_compressor.quantization import quantize
     from onnx_neural_compressor.quantization.algorithm_entry import rtn_quantize_entry
 
-    keep_graph = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimized; ORT's passes would undo the fusions
-    with tempfile.TemporaryDirectory() as scratch:  # INC writes external-data files beside its output and will not overwrite them
+    keep_graph = (
+        onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )  # already optimized; ORT's passes would undo the fusions
+    with (
+        tempfile.TemporaryDirectory() as scratch
+    ):  # INC writes external-data files beside its output and will not overwrite them
         output = Path(scratch) / "model.onnx"
         if mode == "weight-only":
             with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress bar
                 rtn = rtn_quantize_entry(onnx.load(str(fused)), inc.RTNConfig(weight_bits=4, weight_group_size=32))
-            onnx.save(rtn, str(Path(scratch) / "rtn.onnx"))  # ONNX Runtime packs 4 bits natively (MatMulNBits); INC's 8-bit RTN only rounds fp32 weights
-            quantize(str(Path(scratch) / "rtn.onnx"), str(output), inc.DynamicQuantConfig(op_types_to_quantize=["Gather"]), keep_graph)
+            onnx.save(
+                rtn, str(Path(scratch) / "rtn.onnx")
+            )  # ONNX Runtime packs 4 bits natively (MatMulNBits); INC's 8-bit RTN only rounds fp32 weights
+            quantize(
+                str(Path(scratch) / "rtn.onnx"),
+                str(output),
+                inc.DynamicQuantConfig(op_types_to_quantize=["Gather"]),
+                keep_graph,
+            )
         elif mode == "static":
             # MatMul outputs stay fp32 (MatMulIntegerToFloat): re-quantizing them cost accuracy (../shared/notes)
             options = {"OpTypesToExcludeOutputQuantization": ["MatMul"]}
@@ -281,7 +334,12 @@ def quantize_onnx(fused: Path, mode: str, batches: list[tuple[np.ndarray, np.nda
             )
             quantize(str(fused), str(output), config, keep_graph)
         else:
-            quantize(str(fused), str(output), inc.DynamicQuantConfig(per_channel=True, nodes_to_exclude=fp32_nodes), keep_graph)
+            quantize(
+                str(fused),
+                str(output),
+                inc.DynamicQuantConfig(per_channel=True, nodes_to_exclude=fp32_nodes),
+                keep_graph,
+            )
         onnx.save(onnx.load(str(output)), str(target))
 
 
@@ -290,7 +348,11 @@ def int8_op_counts(path: Path) -> dict[str, int]:
     import onnx
 
     ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
-    return {op: n for op, n in sorted(ops.items()) if op.startswith(("Q", "MatMulInteger", "DynamicQuantize", "MatMulNBits", "Dequantize"))}
+    return {
+        op: n
+        for op, n in sorted(ops.items())
+        if op.startswith(("Q", "MatMulInteger", "DynamicQuantize", "MatMulNBits", "Dequantize"))
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,7 +445,9 @@ def dynamic_shapes(max_length: int) -> tuple[dict[int, Any], dict[int, Any]]:
     return {0: batch, 1: sequence}, {0: batch, 1: sequence}
 
 
-def quantize_pt2e(module: Logits, mode: str, batches: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, fp32_layers: list[str]) -> nn.Module:
+def quantize_pt2e(
+    module: Logits, mode: str, batches: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, fp32_layers: list[str]
+) -> nn.Module:
     """INC 3.x PT2E: export with dynamic batch and sequence dims, insert observers, calibrate, convert."""
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig, convert, prepare
@@ -418,7 +482,9 @@ def quantize_weight_only(module: Logits) -> nn.Module:
     return quantized
 
 
-def compile_program(module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], max_length: int, target: Path, freeze: bool) -> None:
+def compile_program(
+    module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], max_length: int, target: Path, freeze: bool
+) -> None:
     """AOTInductor: one shared library with the int8 weights inside. For the PT2E graphs, freezing
     lets Inductor fold each quantize/dequantize pair into an int8 kernel with pre-packed weights;
     their re-export must run under no_grad, or the weights stay fp32 constants (bigger and no
@@ -464,18 +530,28 @@ class Exports:
 
 
 def export_graphs(source: Path, fp32: EdgeClassifier, model_config: dict[str, Any], scratch: Path) -> Exports:
-    example = tuple(torch.from_numpy(a) for a in pad(fp32.token_ids(["an example", "a slightly longer example text"]), fp32.pad_token_id))
+    example = tuple(
+        torch.from_numpy(a)
+        for a in pad(fp32.token_ids(["an example", "a slightly longer example text"]), fp32.pad_token_id)
+    )
     plain, exported, fused = scratch / "fp32.onnx", scratch / "fp32-eager.onnx", scratch / "fp32-fused.onnx"
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter reports its steps on stdout
         torch.onnx.export(
-            Logits(load_hf_model(source)).eval(), example, str(plain), input_names=list(ONNX_INPUTS), output_names=["logits"],
-            external_data=False, dynamic_shapes=dynamic_shapes(fp32.max_length),
+            Logits(load_hf_model(source)).eval(), example, str(plain), input_names=list(ONNX_INPUTS),
+            output_names=["logits"], external_data=False, dynamic_shapes=dynamic_shapes(fp32.max_length),
         )  # fmt: skip
     export_onnx(source, example, exported)
     return Exports(plain, fused, fuse_transformer_ops(exported, fused, model_config))
 
 
-def build_program(source: Path, mode: str, batches: list[tuple[np.ndarray, np.ndarray]], max_length: int, fp32_layers: list[str], target: Path) -> None:
+def build_program(
+    source: Path,
+    mode: str,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    max_length: int,
+    fp32_layers: list[str],
+    target: Path,
+) -> None:
     """--format aoti: INC 3.x PT2E (or RTN) on the model with an int8 embedding table, compiled by AOTInductor."""
     module = load_for_int8_program(source)
     tensors = [tuple(torch.from_numpy(a) for a in batch) for batch in batches]
@@ -487,8 +563,8 @@ def build_program(source: Path, mode: str, batches: list[tuple[np.ndarray, np.nd
 
 
 def build_variant(
-    source: Path, fmt: str, mode: str, fp32: EdgeClassifier, batches: list[tuple[np.ndarray, np.ndarray]], exports: Exports,
-    staging_root: Path, fp32_layers: list[str],
+    source: Path, fmt: str, mode: str, fp32: EdgeClassifier, batches: list[tuple[np.ndarray, np.ndarray]],
+    exports: Exports, staging_root: Path, fp32_layers: list[str],
 ) -> Variant:  # fmt: skip
     """Quantize and write one int8 directory (not yet the final output)."""
     started = time.perf_counter()
@@ -526,7 +602,9 @@ def build_variant(
     return Variant(mode, directory, fp32_layers, time.perf_counter() - started)
 
 
-def onnxruntime_peers(exports: Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int) -> dict[str, tuple[EdgeClassifier, int]]:
+def onnxruntime_peers(
+    exports: Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int
+) -> dict[str, tuple[EdgeClassifier, int]]:
     """What a user gets without INC, with ONNX Runtime's default options: the plain export in fp32,
     and ONNX Runtime's own `quantize_dynamic` int8 of it. Each with its size on disk."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -539,7 +617,10 @@ def onnxruntime_peers(exports: Exports, fp32: EdgeClassifier, source: Path, scra
         logging.disable(logging.NOTSET)
     tokenizer_size = (source / "tokenizer.json").stat().st_size
     return {
-        name: (dataclasses.replace(fp32, forward=onnx_forward(path, threads), kind=name), path.stat().st_size + tokenizer_size)
+        name: (
+            dataclasses.replace(fp32, forward=onnx_forward(path, threads), kind=name),
+            path.stat().st_size + tokenizer_size,
+        )
         for name, path in [("onnxruntime fp32", exports.plain), ("onnxruntime quantize_dynamic int8", int8)]
     }
 
@@ -549,7 +630,9 @@ def onnxruntime_peers(exports: Exports, fp32: EdgeClassifier, source: Path, scra
 # ---------------------------------------------------------------------------------------
 
 
-def validation_metrics(classifier: EdgeClassifier, data: LabeledData, task: str, batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+def validation_metrics(
+    classifier: EdgeClassifier, data: LabeledData, task: str, batch_size: int
+) -> tuple[dict[str, float], np.ndarray]:
     probs = classifier.probabilities(data.texts, batch_size)
     return compute_metrics(task, probs, data.targets, classifier.threshold), probs
 
@@ -561,7 +644,9 @@ def agreement(classifier: EdgeClassifier, a: np.ndarray, b: np.ndarray) -> float
     return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
 
 
-def measure_speed(models: dict[str, EdgeClassifier], texts: list[str], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure_speed(
+    models: dict[str, EdgeClassifier], texts: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
     """Batch-1 latency (p50, p95) and batch-32 throughput of every model on the same validation texts.
     Each model is timed over a whole block of texts at a time, and the order of the models reverses
     from round to round: machine noise hits all of them alike, and the threads ONNX Runtime keeps
@@ -601,7 +686,9 @@ def throughput_key(figures: dict[str, float]) -> str:
     return next(k for k in figures if k.startswith("throughput"))
 
 
-def choose(variants: list[Variant], speed: dict[str, dict[str, float]], fp32_value: float, metric: str, tolerance: float) -> Variant | None:
+def choose(
+    variants: list[Variant], speed: dict[str, dict[str, float]], fp32_value: float, metric: str, tolerance: float
+) -> Variant | None:
     """The fastest variant (batch-32 throughput) within the tolerance, or None."""
     passing = [v for v in variants if within_tolerance(v, fp32_value, metric, tolerance)]
     return max(passing, key=lambda v: speed[inc_name(v)][throughput_key(speed[inc_name(v)])], default=None)
@@ -621,7 +708,9 @@ def comparison_table(rows: dict[str, dict[str, float]], metric: str) -> str:
     scores = list(dict.fromkeys(["accuracy", metric, "agreement"]))
     lines = ["| model | " + " | ".join(scores + figures) + " |", "|---" * (len(scores) + len(figures) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join([f"{row[c]:.4f}" for c in scores] + [f"{row[c]:.1f}" for c in figures]) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join([f"{row[c]:.4f}" for c in scores] + [f"{row[c]:.1f}" for c in figures]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -654,7 +743,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fp32 = load_classifier(source)
     batches = [pad(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
     fp32_metrics, fp32_probs = validation_metrics(fp32, valid, space.task, args.batch_size)
-    print(f"fp32: validation {metric} {fp32_metrics[metric]:.4f} on {len(valid)} rows; calibrating on {len(calibration)} training texts")
+    print(
+        f"fp32: validation {metric} {fp32_metrics[metric]:.4f} on "
+        f"{len(valid)} rows; calibrating on {len(calibration)} training texts"
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     staging_root = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
     try:
@@ -664,27 +756,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def build(mode: str, fp32_layers: list[str]) -> Variant:
             variant = build_variant(source, args.format, mode, fp32, batches, exports, staging_root, fp32_layers)
             evaluate_variant(variant, valid, space.task, args.batch_size, args.num_threads)
-            print(f"INC {variant.name}: built in {variant.seconds:.0f} s, validation {metric} {variant.metrics[metric]:.4f}")
+            print(
+                f"INC {variant.name}: built in {variant.seconds:.0f} "
+                f"s, validation {metric} {variant.metrics[metric]:.4f}"
+            )
             return variant
 
         variants = [build(mode, []) for mode in (MODES if args.mode == "auto" else [args.mode])]
-        if args.mode == "auto" and not any(within_tolerance(v, fp32_metrics[metric], metric, args.tolerance) for v in variants):
-            print(f"no full-int8 variant within {args.tolerance} points of fp32 {metric}; keeping the head layers in fp32")
+        if args.mode == "auto" and not any(
+            within_tolerance(v, fp32_metrics[metric], metric, args.tolerance) for v in variants
+        ):
+            print(
+                f"no full-int8 variant within {args.tolerance} points of fp32 {metric}; keeping the head layers in fp32"
+            )
             variants.append(build("static", head_layer_names(Logits(load_hf_model(source)))))
         peers = onnxruntime_peers(exports, fp32, source, staging_root, args.num_threads)
-        models = {"torch fp32 eager": fp32, **{name: model for name, (model, _) in peers.items()}, **{inc_name(v): v.classifier for v in variants}}
+        models = {
+            "torch fp32 eager": fp32,
+            **{name: model for name, (model, _) in peers.items()},
+            **{inc_name(v): v.classifier for v in variants},
+        }
         speed = measure_speed(models, valid.texts, args)
         if args.mode == "auto":
             chosen = choose(variants, speed, fp32_metrics[metric], metric, args.tolerance)
             if chosen is None:
                 raise DataError(
                     f"--mode auto: no int8 variant stays within {args.tolerance} points of fp32 {metric} "
-                    f"{fp32_metrics[metric]:.4f} (best: {max(v.metrics[metric] for v in variants):.4f}); raise --tolerance or --calibration_size"
+                    f"{fp32_metrics[metric]:.4f} (best: {max(v.metrics[metric] for v in variants):.4f}); "
+                    "raise --tolerance or --calibration_size"
                 )
         else:
             chosen = variants[0]
         probs = {"torch fp32 eager": fp32_probs, **{inc_name(v): v.probs for v in variants}}
-        sizes = {"torch fp32 eager": directory_size(source), **{name: size for name, (_, size) in peers.items()}, **{inc_name(v): directory_size(v.directory) for v in variants}}
+        sizes = {
+            "torch fp32 eager": directory_size(source),
+            **{name: size for name, (_, size) in peers.items()},
+            **{inc_name(v): directory_size(v.directory) for v in variants},
+        }
         for name, (model, _) in peers.items():
             probs[name] = validation_metrics(model, valid, space.task, args.batch_size)[1]
         rows = {
@@ -730,7 +838,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(staging_root, ignore_errors=True)
     print(f"{len(valid)} validation texts, {report['num_threads']} threads; {report['cpu']}")
     print(comparison_table(rows, metric))
-    print(f"kept INC {args.format} {chosen.name}: agreement with fp32 {report['agreement']:.4f}, size {report['size_ratio']:.0%} of fp32; wrote {output}")
+    print(
+        f"kept INC {args.format} {chosen.name}: agreement with fp32 "
+        f"{report['agreement']:.4f}, size {report['size_ratio']:.0%} of fp32; wrote {output}"
+    )
     return report
 
 

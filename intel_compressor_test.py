@@ -110,7 +110,9 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
     return [*starts, length - size]
 
 
-def model_inputs(bodies: list[list[int]], long_text: LongText, prefix: list[int], suffix: list[int]) -> tuple[list[list[int]], np.ndarray]:
+def model_inputs(
+    bodies: list[list[int]], long_text: LongText, prefix: list[int], suffix: list[int]
+) -> tuple[list[list[int]], np.ndarray]:
     """Token ids the model reads, with the special tokens around each piece, and for each of them
     the index of the text it comes from."""
     room = long_text.max_length - len(prefix) - len(suffix)
@@ -265,7 +267,10 @@ def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarr
         raise DataError(f"{path}: not a loadable ONNX model ({reason})") from None
     inputs = sorted(i.name for i in session.get_inputs())
     if inputs != sorted(ONNX_INPUTS):
-        raise DataError(f"{path}: not a model from intel_compressor.py (inputs {', '.join(inputs)}; expected {', '.join(ONNX_INPUTS)})")
+        raise DataError(
+            f"{path}: not a model from intel_compressor.py (inputs "
+            f"{', '.join(inputs)}; expected {', '.join(ONNX_INPUTS)})"
+        )
 
     def forward(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
@@ -318,7 +323,8 @@ def check_cpu(directory: Path, config: dict) -> None:
     if config["machine"] != machine or missing:
         lacks = f"a {machine} CPU" if config["machine"] != machine else "a CPU without " + " ".join(missing)
         raise DataError(
-            f"{directory}: {MODEL_FILES['aoti']} was compiled for {config['machine']} {config['cpu_capability']}, this is {lacks}; "
+            f"{directory}: {MODEL_FILES['aoti']} was compiled for "
+            f"{config['machine']} {config['cpu_capability']}, this is {lacks}; "
             "use the portable --format onnx model, or run intel_compressor.py on this machine"
         )
 
@@ -332,13 +338,23 @@ def load_libtorch() -> ctypes.CDLL:
     """libtorch_cpu.so from the installed torch wheel, found without importing torch. Loaded with
     RTLD_GLOBAL because model.so calls its C shim (aoti_torch_*) and its int8 kernels."""
     spec = importlib.util.find_spec("torch")
-    library = Path(spec.submodule_search_locations[0]) / "lib" / "libtorch_cpu.so" if spec and spec.submodule_search_locations else None
+    library = (
+        Path(spec.submodule_search_locations[0]) / "lib" / "libtorch_cpu.so"
+        if spec and spec.submodule_search_locations
+        else None
+    )
     if library is None or not library.is_file():
-        raise DataError("the torch wheel is not installed: model.so runs on its libtorch_cpu.so (pip install -r requirements-edge.txt)")
+        raise DataError(
+            "the torch wheel is not installed: model.so runs on its "
+            "libtorch_cpu.so (pip install -r requirements-edge.txt)"
+        )
     libtorch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     handle, pointer = ctypes.c_void_p, ctypes.POINTER
     signatures = {
-        "aoti_torch_create_tensor_from_blob": [ctypes.c_void_p, ctypes.c_int64, pointer(ctypes.c_int64), pointer(ctypes.c_int64), ctypes.c_int64, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, pointer(handle)],
+        "aoti_torch_create_tensor_from_blob": [
+            ctypes.c_void_p, ctypes.c_int64, pointer(ctypes.c_int64), pointer(ctypes.c_int64), ctypes.c_int64,
+            ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, pointer(handle),
+        ],
         "aoti_torch_get_data_ptr": [handle, pointer(ctypes.c_void_p)],
         "aoti_torch_get_dim": [handle, pointer(ctypes.c_int64)],
         "aoti_torch_get_sizes": [handle, pointer(pointer(ctypes.c_int64))],
@@ -360,17 +376,32 @@ class CompiledProgram:
     def __init__(self, path: Path):
         self.libtorch = load_libtorch()
         self.program = ctypes.CDLL(str(path))
-        self.program.AOTInductorModelContainerRun.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        self.program.AOTInductorModelContainerRun.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_size_t,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         self.int64, self.float32 = self.libtorch.aoti_torch_dtype_int64(), self.libtorch.aoti_torch_dtype_float32()
         self.cpu = self.libtorch.aoti_torch_device_type_cpu()
         self.container = ctypes.c_void_p()
-        self.check(self.program.AOTInductorModelContainerCreateWithDevice(ctypes.byref(self.container), ctypes.c_size_t(1), b"cpu", None), path)
+        self.check(
+            self.program.AOTInductorModelContainerCreateWithDevice(
+                ctypes.byref(self.container), ctypes.c_size_t(1), b"cpu", None
+            ),
+            path,
+        )
 
     def check(self, status: int, context: object) -> None:
         if status != 0:
             message = ctypes.c_char_p()
             self.program.AOTInductorGetLastError(ctypes.byref(message))
-            raise RuntimeError(f"{context}: AOTInductor error {status}: {(message.value or b'').decode(errors='replace')}")
+            raise RuntimeError(
+                f"{context}: AOTInductor error {status}: {(message.value or b'').decode(errors='replace')}"
+            )
 
     def tensor(self, array: np.ndarray) -> ctypes.c_void_p:
         """A tensor handle over a C-contiguous int64 array (which must outlive the call)."""
@@ -378,18 +409,29 @@ class CompiledProgram:
         strides = (ctypes.c_int64 * array.ndim)(*(stride // array.itemsize for stride in array.strides))
         handle = ctypes.c_void_p()
         data = array.ctypes.data_as(ctypes.c_void_p)
-        self.check(self.libtorch.aoti_torch_create_tensor_from_blob(data, array.ndim, sizes, strides, 0, self.int64, self.cpu, 0, ctypes.byref(handle)), "input")
+        self.check(
+            self.libtorch.aoti_torch_create_tensor_from_blob(
+                data, array.ndim, sizes, strides, 0, self.int64, self.cpu, 0, ctypes.byref(handle)
+            ),
+            "input",
+        )
         return handle
 
     def to_numpy(self, handle: ctypes.c_void_p) -> np.ndarray:
         """A copy of a float32 output tensor, whatever its strides."""
         dim, dtype, data = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_void_p()
         sizes, strides = ctypes.POINTER(ctypes.c_int64)(), ctypes.POINTER(ctypes.c_int64)()
-        for call, out in [("aoti_torch_get_dim", dim), ("aoti_torch_get_dtype", dtype), ("aoti_torch_get_data_ptr", data), ("aoti_torch_get_sizes", sizes), ("aoti_torch_get_strides", strides)]:
+        for call, out in [
+            ("aoti_torch_get_dim", dim),
+            ("aoti_torch_get_dtype", dtype),
+            ("aoti_torch_get_data_ptr", data),
+            ("aoti_torch_get_sizes", sizes),
+            ("aoti_torch_get_strides", strides),
+        ]:
             self.check(getattr(self.libtorch, call)(handle, ctypes.byref(out)), "output")
         if dtype.value != self.float32:
             raise RuntimeError(f"model.so returned dtype code {dtype.value}, expected float32 logits")
-        shape, steps = tuple(sizes[:dim.value]), tuple(4 * s for s in strides[:dim.value])
+        shape, steps = tuple(sizes[: dim.value]), tuple(4 * s for s in strides[: dim.value])
         first = np.ctypeslib.as_array(ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), shape=(1,))
         return np.lib.stride_tricks.as_strided(first, shape=shape, strides=steps).copy()
 
@@ -398,7 +440,10 @@ class CompiledProgram:
         input_ids, attention_mask = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask))
         inputs = (ctypes.c_void_p * 2)(self.tensor(input_ids), self.tensor(attention_mask))  # the run takes ownership
         outputs = (ctypes.c_void_p * 1)()
-        self.check(self.program.AOTInductorModelContainerRun(self.container, inputs, 2, outputs, 1, None, None), f"batch of shape {input_ids.shape}")
+        self.check(
+            self.program.AOTInductorModelContainerRun(self.container, inputs, 2, outputs, 1, None, None),
+            f"batch of shape {input_ids.shape}",
+        )
         output = ctypes.c_void_p(outputs[0])
         try:
             return self.to_numpy(output)
@@ -500,7 +545,11 @@ def fp32_long_text(directory: Path, model_config: dict) -> LongText:
 
 
 def pad_token_id(directory: Path, tokenizer: Tokenizer) -> int:
-    token = read_json(directory / "tokenizer_config.json").get("pad_token") if (directory / "tokenizer_config.json").is_file() else None
+    token = (
+        read_json(directory / "tokenizer_config.json").get("pad_token")
+        if (directory / "tokenizer_config.json").is_file()
+        else None
+    )
     token_id = tokenizer.token_to_id(token) if isinstance(token, str) else None
     return 0 if token_id is None else token_id
 
@@ -511,7 +560,9 @@ def numpy_forward(model: object) -> Callable[[np.ndarray, np.ndarray], np.ndarra
 
     @torch.inference_mode()
     def forward(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+        return (
+            model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+        )
 
     return forward
 
@@ -520,8 +571,12 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     from transformers import AutoModelForSequenceClassification
 
     model_config = read_json(directory / "config.json")
-    if not model_config.get("id2label") or not any(a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])):
-        raise DataError(f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)")
+    if not model_config.get("id2label") or not any(
+        a.endswith("ForSequenceClassification") for a in model_config.get("architectures", [])
+    ):
+        raise DataError(
+            f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
     tokenizer = load_tokenizer(directory)
     return EdgeClassifier(
@@ -558,21 +613,32 @@ def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("texts", nargs="*", help="Texts to classify (or use --input).")
-    parser.add_argument("--model", required=True, help="int8 directory from intel_compressor.py, or an fp32 best_model directory.")
+    parser.add_argument(
+        "--model", required=True, help="int8 directory from intel_compressor.py, or an fp32 best_model directory."
+    )
     parser.add_argument("--input", default="", help="CSV file to classify, streamed in chunks.")
     parser.add_argument("--text_column", default="text", help="Column of --input holding the texts.")
-    parser.add_argument("--output", default="", help="CSV to write (--input only); empty: <input stem>_predictions.csv beside it.")
+    parser.add_argument(
+        "--output", default="", help="CSV to write (--input only); empty: <input stem>_predictions.csv beside it."
+    )
     parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell.")
     parser.add_argument("--batch_size", type=int, default=32, help="Texts per forward pass.")
-    parser.add_argument("--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time.")
-    parser.add_argument("--num_threads", type=int, default=0, help="CPU threads; 0: the runtime's default, one per core.")
+    parser.add_argument(
+        "--chunk_rows", type=int, default=4096, help="CSV rows read, sorted by length and written at a time."
+    )
+    parser.add_argument(
+        "--num_threads", type=int, default=0, help="CPU threads; 0: the runtime's default, one per core."
+    )
     return parser
 
 
 def classify_texts(classifier: EdgeClassifier, texts: list[str], batch_size: int) -> None:
     probs, scores = classifier.predictions(texts, batch_size)
     for text, row, labels, score in zip(texts, probs, classifier.predicted_labels(probs), scores):
-        shown = ", ".join(f"{label} {row[classifier.labels.index(label)]:.3f}" for label in labels) or "(no label above threshold)"
+        shown = (
+            ", ".join(f"{label} {row[classifier.labels.index(label)]:.3f}" for label in labels)
+            or "(no label above threshold)"
+        )
         scope = "OUT OF SCOPE " if score > classifier.ood_threshold else ""
         print(f"{shown}\t{scope}ood_score {score:.2f}\t{text}")
 
@@ -610,14 +676,21 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
     prob_columns = [f"prob_{label}" for label in classifier.labels]
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out, tqdm(desc="classify", unit=" rows", mininterval=1) as bar:
+        with (
+            os.fdopen(handle, "w", newline="", encoding="utf-8") as out,
+            tqdm(desc="classify", unit=" rows", mininterval=1) as bar,
+        ):
             writer = None
             for header, rows in csv_chunks(source, args.text_column, args.chunk_rows):
                 if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=[*header, "predicted", "ood_score", "out_of_scope", *prob_columns])
+                    writer = csv.DictWriter(
+                        out, fieldnames=[*header, "predicted", "ood_score", "out_of_scope", *prob_columns]
+                    )
                     writer.writeheader()
                 probs, ood = classifier.predictions([row[args.text_column] for row in rows], args.batch_size)
-                for row, scores, labels, score in zip(rows, probs.tolist(), classifier.predicted_labels(probs), ood.tolist()):
+                for row, scores, labels, score in zip(
+                    rows, probs.tolist(), classifier.predicted_labels(probs), ood.tolist()
+                ):
                     row["predicted"] = args.label_delimiter.join(labels)
                     row["ood_score"], row["out_of_scope"] = f"{score:.4f}", score > classifier.ood_threshold
                     row.update({column: f"{p:.6f}" for column, p in zip(prob_columns, scores)})

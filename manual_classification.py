@@ -8,9 +8,10 @@ Binary tasks train BCE-with-logits (pos_weight = negatives/positives), multi-cla
 cross-entropy, multi-label tasks per-label BCE on hard or soft (0..1) targets. The head starts as
 a linear probe fitted on the frozen model's features (LP-FT), small data trains at least
 --min_steps optimizer steps, the lower layers are frozen for the first epochs, the best
-checkpoint by validation metric is kept, and the run ends by testing that checkpoint. Outputs go to <output_dir>/<run_name>/, TensorBoard logs
-to runs/<run_name>/. A training state is saved after every epoch (and every --eval_steps), so
-a resumed run continues exactly: same batches, same losses.
+checkpoint by validation metric is kept, its probabilities are calibrated (a temperature) and
+given an out-of-scope threshold, and the run ends by testing that checkpoint. Outputs go to
+<output_dir>/<run_name>/, TensorBoard logs to runs/<run_name>/. A training state is saved after
+every epoch (and every --eval_steps), so a resumed run continues exactly: same batches, same losses.
 """
 
 from __future__ import annotations
@@ -82,17 +83,28 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
-def validate(model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter | None, step: int) -> dict[str, float]:
+def validate(
+    model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter | None, step: int
+) -> dict[str, float]:
     """Validation metrics (the same on every process), logged to TensorBoard with a few examples
     and their top-5 predictions."""
     metrics, logits = evaluate(
-        model, run.valid_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, processes=run.processes
+        model,
+        run.valid_set,
+        run.collator,
+        loss_fn,
+        run.space,
+        run.config.batch_size,
+        run.device,
+        processes=run.processes,
     )
     if writer is not None:
         for name, value in metrics.items():
             writer.add_scalar(f"eval/{name}", value, step)
         probs = probabilities(logits, run.space.task)
-        writer.add_text("eval/examples", top_k_summary(run.valid_data.texts, run.valid_data.targets, probs, run.space), step)
+        writer.add_text(
+            "eval/examples", top_k_summary(run.valid_data.texts, run.valid_data.targets, probs, run.space), step
+        )
     return metrics
 
 
@@ -129,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         state = load_training_state(checkpoint)
         if state["world_size"] != processes.world_size:
             raise DataError(
-                f"--resume {checkpoint}: saved by {state['world_size']} process(es), resumed by {processes.world_size}; "
+                f"--resume {checkpoint}: saved by {state['world_size']} "
+                f"process(es), resumed by {processes.world_size}; "
                 "resume with the same number (the batches of an epoch are shared out by it)"
             )
         model.load_state_dict(state["model"])
@@ -138,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"][processes.rank])
         progress = Progress(**state["progress"])
-        say(f"resuming from {checkpoint}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
+        say(
+            f"resuming from {checkpoint}: epoch {progress.epoch + 1}, "
+            f"batch {progress.batches_done}, step {progress.step}"
+        )
 
     if processes.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,9 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     def validate_and_checkpoint() -> None:
         metrics = validate(model, run, loss_fn, writer, progress.step)
         train_loss = progress.epoch_loss / max(progress.epoch_steps, 1)
-        progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss, **metrics})
+        progress.history.append(
+            {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": train_loss, **metrics}
+        )
         improved = is_improvement(metric, metrics[metric], progress.best and progress.best[metric])
-        say(f"epoch {progress.epoch + 1} step {progress.step}: validation {format_metrics(metrics)}{' (best)' if improved else ''}")
+        say(
+            f"epoch {progress.epoch + 1} step {progress.step}: validation "
+            f"{format_metrics(metrics)}{' (best)' if improved else ''}"
+        )
         if improved:
             progress.best = progress.history[-1]
             if run.space.task == "multilabel":
@@ -190,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
             loader.batch_sampler.set_epoch(epoch, skip=progress.batches_done)  # reproducible order per epoch
             model.train()
             step_loss, micro_batches = 0.0, 0
-            bar = progress_bar(loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done, show=processes.is_main)
+            bar = progress_bar(
+                loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done, show=processes.is_main
+            )
             epoch_started = time.perf_counter()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}
@@ -239,7 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
             save_state()
     except KeyboardInterrupt:
         if processes.is_main:
-            print(f"\ninterrupted; best model in {best_dir}; continue with: --run_name {config.run_name} --resume", file=sys.stderr)
+            print(
+                f"\ninterrupted; best model in {best_dir}; continue with: --run_name {config.run_name} --resume",
+                file=sys.stderr,
+            )
         raise
     finally:
         if writer is not None:
@@ -247,15 +273,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_seconds = time.time() - started
     best = progress.best
-    say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(
+        f"training took {train_seconds:.1f}s; best {metric} "
+        f"{best[metric]:.4f} at epoch {best['epoch']} step {best['step']}"
+    )
     write_run_metrics(run, "manual_classification.py", best, progress.history, calibrate_best_model(run, best_dir))
     test_metrics = test_best_model(run, best_dir, loss_fn)
     if test_metrics is not None:
         say(f"test: {format_metrics(test_metrics)}")
     say(f"outputs in {run.run_dir}")
     leave_processes(processes)
-    return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
-            "step_seconds": step_seconds, "trainable_by_epoch": trainable_by_epoch}
+    return {
+        "run_dir": run.run_dir,
+        "best": best,
+        "test": test_metrics,
+        "train_seconds": train_seconds,
+        "step_seconds": step_seconds,
+        "trainable_by_epoch": trainable_by_epoch,
+    }
 
 
 if __name__ == "__main__":

@@ -40,11 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Config()  # the options shared with the training scripts mean the same and default alike
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("input", help="Table to split: .csv, .tsv, .csv.gz or .parquet.")
-    parser.add_argument("--test_size", "--test-size", type=float, default=0.2, help="Fraction of each class for the test file.")
+    parser.add_argument(
+        "--test_size", "--test-size", type=float, default=0.2, help="Fraction of each class for the test file."
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="Random seed.")
-    parser.add_argument("--label_column", default=defaults.label_column, help="Label column, or comma-separated soft-label columns.")
-    parser.add_argument("--label_delimiter", default=defaults.label_delimiter, help="Separator of labels in one multi-label cell.")
-    parser.add_argument("--task", default=defaults.task, choices=["auto", "binary", "multiclass", "multilabel"], help="Task; auto detects it.")
+    parser.add_argument(
+        "--label_column", default=defaults.label_column, help="Label column, or comma-separated soft-label columns."
+    )
+    parser.add_argument(
+        "--label_delimiter", default=defaults.label_delimiter, help="Separator of labels in one multi-label cell."
+    )
+    parser.add_argument(
+        "--task",
+        default=defaults.task,
+        choices=["auto", "binary", "multiclass", "multilabel"],
+        help="Task; auto detects it.",
+    )
     parser.add_argument("--output_dir", default="", help="Where to write the two files; empty: beside the input.")
     return parser
 
@@ -92,7 +103,9 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     args = build_parser().parse_args(argv)
     if not 0 < args.test_size < 1:
         raise DataError(f"--test_size must be between 0 and 1, got {args.test_size}")
-    config = dataclasses.replace(Config(), label_column=args.label_column, label_delimiter=args.label_delimiter, task=args.task)
+    config = dataclasses.replace(
+        Config(), label_column=args.label_column, label_delimiter=args.label_delimiter, task=args.task
+    )
     frame = read_table(args.input)
     space = detect_label_space(frame, args.input, config)
     targets = encode_targets(frame, args.input, config, space)

@@ -174,7 +174,9 @@ def validation_history(log_history: list[dict]) -> list[dict]:
         if "eval_loss" in entry:
             metrics = {k[5:]: v for k, v in entry.items() if k.startswith("eval_") and k[5:] not in TRAINER_BOOKKEEPING}
             train_loss = float(np.mean(losses)) if losses else None
-            history.append({"epoch": math.ceil(entry["epoch"] - 1e-6), "step": entry["step"], "train_loss": train_loss, **metrics})
+            history.append(
+                {"epoch": math.ceil(entry["epoch"] - 1e-6), "step": entry["step"], "train_loss": train_loss, **metrics}
+            )
             losses = []
     return history
 
@@ -207,7 +209,10 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     if processes.is_main:
         extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
         save_model_directory(trainer.model, run.tokenizer, best_dir, extra)
-    say(f"training took {train_seconds:.1f}s; best {metric} {best[metric]:.4f} at epoch {best['epoch']} step {best['step']}")
+    say(
+        f"training took {train_seconds:.1f}s; best {metric} "
+        f"{best[metric]:.4f} at epoch {best['epoch']} step {best['step']}"
+    )
     write_run_metrics(run, "trainer_classification.py", best, history, calibrate_best_model(run, best_dir))
 
     loss_fn = build_loss(run.space, run.train_data.targets, config)
@@ -217,8 +222,14 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     say(f"outputs in {run.run_dir}")
     leave_processes(processes)
     freeze = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback))
-    return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds,
-            "trainable_by_epoch": freeze.trainable_by_epoch, "trainer": trainer}
+    return {
+        "run_dir": run.run_dir,
+        "best": best,
+        "test": test_metrics,
+        "train_seconds": train_seconds,
+        "trainable_by_epoch": freeze.trainable_by_epoch,
+        "trainer": trainer,
+    }
 
 
 if __name__ == "__main__":

@@ -350,7 +350,9 @@ def _soft_targets(frame: pd.DataFrame, path: str | Path, columns: list[str]) -> 
         if bad.size:
             row = int(bad[0])
             raw = frame[column].iloc[row]
-            raise DataError(f"{path}, row {row + 1}: column {column!r} holds {raw!r}; soft labels must be numbers in 0..1")
+            raise DataError(
+                f"{path}, row {row + 1}: column {column!r} holds {raw!r}; soft labels must be numbers in 0..1"
+            )
         targets[:, j] = values
     return targets
 
@@ -436,7 +438,13 @@ class EncodedDataset(torch.utils.data.Dataset):
     they come from. One input per text, or with --long_text windows several: `owners[i]` is the
     text of input i, and predictions combine a text's inputs by `aggregation` (see LongText)."""
 
-    def __init__(self, input_ids: list[list[int]], targets: np.ndarray, owners: np.ndarray | None = None, aggregation: str = "mean"):
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        targets: np.ndarray,
+        owners: np.ndarray | None = None,
+        aggregation: str = "mean",
+    ):
         self.input_ids = input_ids
         self.targets = targets
         self.owners = np.arange(len(input_ids)) if owners is None else owners
@@ -470,7 +478,9 @@ def long_text_of(config: Config) -> LongText:
     return long_text_from(dataclasses.asdict(config), config.max_length)
 
 
-def encode(tokenizer: Any, data: LabeledData, long_text: LongText, keep_windows: int = 0, seed: int = 0) -> EncodedDataset:
+def encode(
+    tokenizer: Any, data: LabeledData, long_text: LongText, keep_windows: int = 0, seed: int = 0
+) -> EncodedDataset:
     """Token ids of every text as the model reads them (truncated, head and tail, or windows), with
     the special tokens; with `keep_windows`, at most that many windows of a text, a seeded sample.
     Tokenised by the tokenizer's own fast backend, exactly as the edge runner does."""
@@ -522,7 +532,9 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     same count (the last world_size - 1 batches of an epoch may go unused), so none waits for
     another at the last step."""
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool, processes: Processes | None = None):
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool, processes: Processes | None = None
+    ):
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
@@ -558,7 +570,9 @@ class TrainBatchSampler(torch.utils.data.Sampler):
 
 def train_loader(run: PreparedRun) -> torch.utils.data.DataLoader:
     config = run.config
-    sampler = TrainBatchSampler(run.train_set.lengths, config.batch_size, config.seed, config.group_by_length, run.processes)
+    sampler = TrainBatchSampler(
+        run.train_set.lengths, config.batch_size, config.seed, config.group_by_length, run.processes
+    )
     # Its own generator: otherwise every new iterator draws a seed from the global RNG, and a run
     # resumed mid-epoch (new iterator there) would see different dropout masks than a straight run.
     return torch.utils.data.DataLoader(
@@ -679,7 +693,14 @@ def progress_bar(iterable: Any, description: str, done: int = 0, show: bool = Tr
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, desc=description, dynamic_ncols=True, mininterval=0.1 if interactive else 30, initial=done, disable=not show)
+    return tqdm(
+        iterable,
+        desc=description,
+        dynamic_ncols=True,
+        mininterval=0.1 if interactive else 30,
+        initial=done,
+        disable=not show,
+    )
 
 
 def gpu_utilization(device: torch.device) -> dict[str, str]:
@@ -795,7 +816,8 @@ def apply_freeze_schedule(model: nn.Module, config: Config, epoch: int) -> str:
 
 
 def describe_trainable(model: nn.Module) -> str:
-    """Which parameter groups train, e.g. 'training 17.0M of 22.7M parameters; frozen: bert.embeddings, bert.encoder.layer.0'."""
+    """Which parameter groups train, e.g. 'training 17.0M of 22.7M parameters; frozen: bert.embeddings,
+    bert.encoder.layer.0'."""
     total = trainable = 0
     frozen_groups: list[str] = []
     for name, parameter in model.named_parameters():
@@ -900,7 +922,10 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     `bins` equal-width bins, the mean |accuracy - confidence| of the bins, weighted by their size."""
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == targets
     bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (k/bins, (k+1)/bins]
-    gaps = [abs(correct[bin_of == k].mean() - confidence[bin_of == k].mean()) * np.mean(bin_of == k) for k in np.unique(bin_of)]
+    gaps = [
+        abs(correct[bin_of == k].mean() - confidence[bin_of == k].mean()) * np.mean(bin_of == k)
+        for k in np.unique(bin_of)
+    ]
     return float(sum(gaps))
 
 
@@ -933,8 +958,13 @@ def is_improvement(metric: str, value: float, best: float | None) -> bool:
 
 @torch.no_grad()
 def run_in_length_order(
-    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
-    read: Callable[[Any], torch.Tensor], processes: Processes | None = None,
+    model: nn.Module,
+    dataset: EncodedDataset,
+    collator: PaddingCollator,
+    batch_size: int,
+    device: torch.device,
+    read: Callable[[Any], torch.Tensor],
+    processes: Processes | None = None,
 ) -> torch.Tensor:
     """`read(model output)` for every row, in dataset order. Batches are formed from length-sorted
     rows (little padding); the model runs in eval mode (no dropout). Under torchrun each process
@@ -952,7 +982,11 @@ def run_in_length_order(
 
 
 def predict_logits(
-    model: nn.Module, dataset: EncodedDataset, collator: PaddingCollator, batch_size: int, device: torch.device,
+    model: nn.Module,
+    dataset: EncodedDataset,
+    collator: PaddingCollator,
+    batch_size: int,
+    device: torch.device,
     processes: Processes | None = None,
 ) -> torch.Tensor:
     """Logits of every text, in dataset order (a text's windows combined)."""
@@ -992,23 +1026,33 @@ def predicted_label_sets(probs: np.ndarray, space: LabelSpace, threshold: float)
 
 
 def predictions_frame(
-    texts: list[str], targets: np.ndarray, probs: np.ndarray, ood: np.ndarray, ood_threshold: float, space: LabelSpace,
-    threshold: float, delimiter: str,
+    texts: list[str],
+    targets: np.ndarray,
+    probs: np.ndarray,
+    ood: np.ndarray,
+    ood_threshold: float,
+    space: LabelSpace,
+    threshold: float,
+    delimiter: str,
 ) -> pd.DataFrame:
     """text, true label, predicted label(s), the out-of-scope score and flag, then one probability
     column per label."""
-    frame = pd.DataFrame({
-        "text": texts,
-        "label": [delimiter.join(s) for s in hard_label_sets(targets, space)],
-        "predicted": [delimiter.join(s) for s in predicted_label_sets(probs, space, threshold)],
-        "ood_score": ood.round(4),
-        "out_of_scope": ood > ood_threshold,
-    })
+    frame = pd.DataFrame(
+        {
+            "text": texts,
+            "label": [delimiter.join(s) for s in hard_label_sets(targets, space)],
+            "predicted": [delimiter.join(s) for s in predicted_label_sets(probs, space, threshold)],
+            "ood_score": ood.round(4),
+            "out_of_scope": ood > ood_threshold,
+        }
+    )
     scores = pd.DataFrame(probs, columns=[f"prob_{label}" for label in space.labels])
     return pd.concat([frame, scores.round(6)], axis=1)
 
 
-def top_k_summary(texts: list[str], targets: np.ndarray, probs: np.ndarray, space: LabelSpace, k: int = 5, rows: int = 8) -> str:
+def top_k_summary(
+    texts: list[str], targets: np.ndarray, probs: np.ndarray, space: LabelSpace, k: int = 5, rows: int = 8
+) -> str:
     """Markdown for TensorBoard: a few validation texts, their true labels and top-k predictions."""
     lines = ["| text | true | top predictions |", "|---|---|---|"]
     truths = hard_label_sets(targets, space)
@@ -1023,6 +1067,7 @@ def top_k_summary(texts: list[str], targets: np.ndarray, probs: np.ndarray, spac
 # ---------------------------------------------------------------------------------------
 # The classification layer fitted as a linear probe before fine-tuning (LP-FT)
 # ---------------------------------------------------------------------------------------
+
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
     """The linear layer that turns features into logits: `classifier` (BERT, DistilBERT) or
@@ -1135,7 +1180,9 @@ def calibrate_best_model(run: PreparedRun, best_dir: Path) -> dict[str, float | 
     model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
     logits = predict_logits(model, run.valid_set, run.collator, run.config.batch_size, run.device, run.processes)
     multilabel, targets = run.space.task == "multilabel", run.valid_data.targets
-    earlier = float(getattr(model.config, "calibration_temperature", 1.0))  # a resumed run's best model may hold one already
+    earlier = float(
+        getattr(model.config, "calibration_temperature", 1.0)
+    )  # a resumed run's best model may hold one already
     entry: dict[str, float | str] = {}
     temperature = 1.0
     if not multilabel:
@@ -1149,13 +1196,21 @@ def calibrate_best_model(run: PreparedRun, best_dir: Path) -> dict[str, float | 
     threshold = float(np.quantile(scores, share))
     # not `temperature`: transformers reserves that name for text generation
     model.config.calibration_temperature, model.config.ood_threshold = total, threshold
-    entry = {"temperature": total, **entry, "ood_score": "joint_energy" if multilabel else "energy", "ood_threshold": threshold, "in_scope_share": share}
+    entry = {
+        "temperature": total,
+        **entry,
+        "ood_score": "joint_energy" if multilabel else "energy",
+        "ood_threshold": threshold,
+        "in_scope_share": share,
+    }
     if run.processes.is_main:
         kept = {name: json.loads((best_dir / name).read_text()) for name in ("metrics.json", "training_config.json")}
         save_model_directory(model, run.tokenizer, best_dir, kept)
         ece = f" (validation ECE {entry['ece_before']:.4f} -> {entry['ece_after']:.4f})" if not multilabel else ""
-        print(f"temperature {total:.3f} folded into the head{ece}; out of scope above ood_score {threshold:.3f} "
-              f"({share:.0%} of validation texts in scope)")
+        print(
+            f"temperature {total:.3f} folded into the head{ece}; out of scope above ood_score {threshold:.3f} "
+            f"({share:.0%} of validation texts in scope)"
+        )
     return entry
 
 
@@ -1246,13 +1301,20 @@ def prepare_run(config: Config) -> PreparedRun:
         config = dataclasses.replace(config, window_aggregation="max" if space.task == "multilabel" else "mean")
     if config.metric_for_best_model not in metric_names(space.task):
         choices = ", ".join(metric_names(space.task))
-        raise DataError(f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}")
+        raise DataError(
+            f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}"
+        )
     tokenizer = load_tokenizer(config.model_name_or_path)
     long_text = long_text_of(config)
     train_set = encode(tokenizer, train, long_text, config.train_windows, config.seed)
     if math.ceil(len(train_set) / config.batch_size) < processes.world_size:
-        raise DataError(f"--batch_size {config.batch_size}: {len(train_set)} training inputs make fewer batches than the {processes.world_size} processes")
-    config = dataclasses.replace(config, epochs=planned_epochs(config, len(train_set), processes.world_size))  # config.json records what ran
+        raise DataError(
+            f"--batch_size {config.batch_size}: {len(train_set)} training inputs "
+            f"make fewer batches than the {processes.world_size} processes"
+        )
+    config = dataclasses.replace(
+        config, epochs=planned_epochs(config, len(train_set), processes.world_size)
+    )  # config.json records what ran
     run_dir = run_directory(config)
     if (run_dir / "config.json").exists() and not config.resume:
         raise DataError(f"{run_dir} already holds a run; choose another --run_name, or add --resume")
@@ -1312,17 +1374,27 @@ def describe_processes(run: PreparedRun) -> str:
     effective = config.batch_size * count * config.gradient_accumulation_steps
     return (
         f"{count} processes: effective batch {effective} ({config.batch_size} per process x {count} processes x "
-        f"{config.gradient_accumulation_steps} accumulation); --learning_rate {config.learning_rate} as given, not rescaled"
+        f"{config.gradient_accumulation_steps} accumulation); "
+        f"--learning_rate {config.learning_rate} as given, not rescaled"
     )
 
 
 def write_run_metrics(
-    run: PreparedRun, script: str, best: dict[str, float] | None, history: list[dict[str, float]], calibration: dict | None = None
+    run: PreparedRun,
+    script: str,
+    best: dict[str, float] | None,
+    history: list[dict[str, float]],
+    calibration: dict | None = None,
 ) -> None:
     """metrics.json: the script that trained the run, the metric that picked the best model, the
     best validation entry, every validation entry so far (the notebooks read it) and, once
     training has ended, the calibration entry (calibrate_best_model)."""
-    content = {"trained_with": script, "metric_for_best_model": run.config.metric_for_best_model, "best": best, "history": history}
+    content = {
+        "trained_with": script,
+        "metric_for_best_model": run.config.metric_for_best_model,
+        "best": best,
+        "history": history,
+    }
     if calibration is not None:
         content["calibration"] = calibration
     if run.processes.is_main:
@@ -1342,7 +1414,15 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     model = AutoModelForSequenceClassification.from_pretrained(best_dir, local_files_only=True).to(run.device)
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
     metrics, logits = evaluate(
-        model, run.test_set, run.collator, loss_fn, run.space, run.config.batch_size, run.device, threshold, run.processes
+        model,
+        run.test_set,
+        run.collator,
+        loss_fn,
+        run.space,
+        run.config.batch_size,
+        run.device,
+        threshold,
+        run.processes,
     )
     probs, multilabel = probabilities(logits, run.space.task), run.space.task == "multilabel"
     temperature = float(getattr(model.config, "calibration_temperature", 1.0))
@@ -1350,11 +1430,20 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     ood_threshold = float(getattr(model.config, "ood_threshold", np.inf))
     if not multilabel:
         metrics["ece"] = expected_calibration_error(probs, run.test_data.targets)
-        metrics["ece_before_temperature"] = expected_calibration_error(probabilities(logits * temperature, run.space.task), run.test_data.targets)
+        metrics["ece_before_temperature"] = expected_calibration_error(
+            probabilities(logits * temperature, run.space.task), run.test_data.targets
+        )
     metrics["out_of_scope_share"] = float(np.mean(ood > ood_threshold))
     if run.processes.is_main:
         frame = predictions_frame(
-            run.test_data.texts, run.test_data.targets, probs, ood, ood_threshold, run.space, threshold, run.config.label_delimiter
+            run.test_data.texts,
+            run.test_data.targets,
+            probs,
+            ood,
+            ood_threshold,
+            run.space,
+            threshold,
+            run.config.label_delimiter,
         )
         write_json(run.run_dir / "test_metrics.json", metrics)
         write_csv(run.run_dir / "test_predictions.csv", frame)

@@ -37,7 +37,9 @@ SHAPES = [(384, 384), (384, 1536), (1536, 384)]  # (in, out) of attention projec
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[16, 512, 4096], help="Token rows per call (default 16 512 4096).")
+    parser.add_argument(
+        "--rows", type=int, nargs="+", default=[16, 512, 4096], help="Token rows per call (default 16 512 4096)."
+    )
     parser.add_argument("--calls", type=int, default=200, help="Timed calls per kernel and shape (default 200).")
     parser.add_argument("--num_threads", type=int, default=2, help="CPU threads for every kernel (default 2).")
     return parser
@@ -63,7 +65,9 @@ def fbgemm_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> Ca
     return lambda: torch.ops.quantized.linear_dynamic(x, packed)
 
 
-def onnxruntime_int8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, threads: int, scratch: Path) -> Callable[[], object]:
+def onnxruntime_int8(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, threads: int, scratch: Path
+) -> Callable[[], object]:
     import onnx
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
@@ -122,7 +126,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
                 timing = median_microseconds(kernels, args.calls)
                 results.append({"rows": rows, "in": fan_in, "out": fan_out, **timing})
-                print(f"| {rows} | {fan_in} x {fan_out} | " + " | ".join(f"{timing[name]:.0f}" for name in kernels) + " |", flush=True)
+                print(
+                    f"| {rows} | {fan_in} x {fan_out} | "
+                    + " | ".join(f"{timing[name]:.0f}" for name in kernels)
+                    + " |",
+                    flush=True,
+                )
     return results
 
 

@@ -74,7 +74,9 @@ def main() -> None:
     parser.add_argument("--test_rows", type=int, default=5000, help="Test reviews (stratified sample).")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--strategies", default="truncate,head_tail,windows", help=f"Comma-separated: {', '.join(STRATEGIES)}.")
+    parser.add_argument(
+        "--strategies", default="truncate,head_tail,windows", help=f"Comma-separated: {', '.join(STRATEGIES)}."
+    )
     parser.add_argument("--num_threads", type=int, default=0, help="torch threads; 0: one per core.")
     args = parser.parse_args()
     strategies = args.strategies.split(",")
@@ -87,7 +89,10 @@ def main() -> None:
     train = stratified_sample(pd.read_csv(SHARED / "train.csv.gz"), args.train_rows, seed=42)
     test = stratified_sample(pd.read_csv(SHARED / "test.csv.gz"), args.test_rows, seed=42)
     train[["text", "label"]].to_csv(directory / "train.csv", index=False)
-    print(f"IMDB: {len(train)} training reviews, {len(test)} test reviews, max_length {args.max_length}, {args.epochs} epochs")
+    print(
+        f"IMDB: {len(train)} training reviews, {len(test)} test "
+        f"reviews, max_length {args.max_length}, {args.epochs} epochs"
+    )
 
     rows = {}
     for name in strategies:
@@ -105,12 +110,16 @@ def main() -> None:
     print(f"\n{cpu_description()}\n")
     print("| strategy | " + " | ".join(columns) + " |\n|---" * (len(columns) + 1) + "|")
     for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(f"{row[c]:.4f}" if "accuracy" in c else f"{row[c]:.1f}" for c in columns) + " |")
+        print(
+            f"| {name} | " + " | ".join(f"{row[c]:.4f}" if "accuracy" in c else f"{row[c]:.1f}" for c in columns) + " |"
+        )
     if "truncate" in rows:
         best = max(rows, key=lambda n: rows[n]["accuracy"])
         gain = 100 * (rows[best]["accuracy"] - rows["truncate"]["accuracy"])
-        print(f"\nbest: {best}, {gain:+.2f} points over truncate (target >= +1.5); best accuracy "
-              f"{rows[best]['accuracy']:.4f} (target >= 0.91)")
+        print(
+            f"\nbest: {best}, {gain:+.2f} points over truncate (target >= +1.5); best accuracy "
+            f"{rows[best]['accuracy']:.4f} (target >= 0.91)"
+        )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def fpr_at_recall(in_scores: np.ndarray, out_scores: np.ndarray, recall: float =
     return float(np.mean(out_scores <= np.quantile(in_scores, recall)))
 
 
-def detection(name: str, in_scores: np.ndarray, out_scores: np.ndarray, threshold: float | None) -> dict[str, float | str]:
+def detection(
+    name: str, in_scores: np.ndarray, out_scores: np.ndarray, threshold: float | None
+) -> dict[str, float | str]:
     labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
     row: dict[str, float | str] = {
         "score": name,
@@ -65,8 +67,10 @@ def main() -> None:
     held_out = set(np.random.default_rng(args.seed).choice(intents, round(len(intents) * args.held_out), replace=False))
     directory = Path(tempfile.mkdtemp(prefix="out-of-scope-"))
     train[~train["label"].isin(held_out)].to_csv(directory / "train.csv", index=False)
-    print(f"BANKING77: {len(held_out)} of {len(intents)} intents held out (seed {args.seed}); "
-          f"training on {int((~train['label'].isin(held_out)).sum())} rows")
+    print(
+        f"BANKING77: {len(held_out)} of {len(intents)} intents held out (seed {args.seed}); "
+        f"training on {int((~train['label'].isin(held_out)).sum())} rows"
+    )
 
     result = manual_classification.main([
         f"--train_file={directory / 'train.csv'}", "--validation_file=", "--test_file=",
@@ -80,7 +84,10 @@ def main() -> None:
     raw = logits * model.temperature
     energy = ood_scores(logits, multilabel=False, temperature=model.temperature)
     msp = -softmax(raw).max(axis=1)
-    rows = [detection("energy (ood_score)", energy[~out], energy[out], model.ood_threshold), detection("MSP", msp[~out], msp[out], None)]
+    rows = [
+        detection("energy (ood_score)", energy[~out], energy[out], model.ood_threshold),
+        detection("MSP", msp[~out], msp[out], None),
+    ]
 
     targets = np.array([model.labels.index(label) for label in test.loc[~out, "label"]])
     calibrated, uncalibrated = softmax(logits[~out]), softmax(raw[~out])
@@ -103,8 +110,12 @@ def main() -> None:
     for name, value in summary.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     energy_auroc, msp_auroc = rows[0]["AUROC"], rows[1]["AUROC"]
-    print(f"\ntargets: energy AUROC {energy_auroc:.4f} >= MSP {msp_auroc:.4f} + 0.02: {energy_auroc >= msp_auroc + 0.02}; "
-          f">= 0.90: {energy_auroc >= 0.90}; ECE after <= 0.03: {summary['ECE after temperature (in-scope test)'] <= 0.03}")
+    print(
+        f"\ntargets: energy AUROC {energy_auroc:.4f} >= MSP "
+        f"{msp_auroc:.4f} + 0.02: {energy_auroc >= msp_auroc + 0.02}; "
+        f">= 0.90: {energy_auroc >= 0.90}; ECE after <= 0.03: "
+        f"{summary['ECE after temperature (in-scope test)'] <= 0.03}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,31 +50,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory of a training run.")
     parser.add_argument("--test_file", default="", help="Test data (default: the run's test_file).")
-    parser.add_argument("--test_rows", type=int, default=0, help="Stratified sample of the test split; 0 = all (default 0).")
-    parser.add_argument("--calibration_size", type=int, default=1000, help="Calibration texts for INC static (default 1000).")
-    parser.add_argument("--timing_texts", type=int, default=1000, help="Texts per batch-32 throughput round (default 1000).")
-    parser.add_argument("--latency_texts", type=int, default=100, help="Texts timed one by one at batch 1, per round (default 100).")
+    parser.add_argument(
+        "--test_rows", type=int, default=0, help="Stratified sample of the test split; 0 = all (default 0)."
+    )
+    parser.add_argument(
+        "--calibration_size", type=int, default=1000, help="Calibration texts for INC static (default 1000)."
+    )
+    parser.add_argument(
+        "--timing_texts", type=int, default=1000, help="Texts per batch-32 throughput round (default 1000)."
+    )
+    parser.add_argument(
+        "--latency_texts", type=int, default=100, help="Texts timed one by one at batch 1, per round (default 100)."
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the throughput figure (default 32).")
     parser.add_argument("--num_threads", type=int, default=2, help="CPU threads for every variant (default 2).")
     parser.add_argument("--json", default="", help="Also write the figures to this JSON file.")
     return parser
 
 
-def fused_peer(exports: intel_compressor.Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int) -> tuple[EdgeClassifier, int]:
+def fused_peer(
+    exports: intel_compressor.Exports, fp32: EdgeClassifier, source: Path, scratch: Path, threads: int
+) -> tuple[EdgeClassifier, int]:
     """ONNX Runtime's quantize_dynamic on the fused graph (its shape inference cannot type the fused ops:
     default float). Its size counts tokenizer.json, as every other variant's does."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     path = scratch / "onnxruntime-int8-fused.onnx"
-    quantize_dynamic(str(exports.fused), str(path), weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return dataclasses.replace(fp32, forward=onnx_forward(path, threads)), path.stat().st_size + (source / "tokenizer.json").stat().st_size
+    quantize_dynamic(
+        str(exports.fused),
+        str(path),
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return dataclasses.replace(fp32, forward=onnx_forward(path, threads)), path.stat().st_size + (
+        source / "tokenizer.json"
+    ).stat().st_size
 
 
 def cold_start_seconds(directory: Path, repeats: int, threads: int) -> float:
     """Median wall time of a fresh `python intel_compressor_test.py --model DIR "one text"`, from
     process start to exit, with the file cache warm (the first run is not counted)."""
-    command = [sys.executable, str(REPO / "intel_compressor_test.py"), f"--model={directory}", f"--num_threads={threads}", "my card has not arrived yet"]
+    command = [
+        sys.executable,
+        str(REPO / "intel_compressor_test.py"),
+        f"--model={directory}",
+        f"--num_threads={threads}",
+        "my card has not arrived yet",
+    ]
     subprocess.run(command, check=True, capture_output=True)
     times = []
     for _ in range(repeats):
@@ -87,8 +110,18 @@ def cold_start_seconds(directory: Path, repeats: int, threads: int) -> float:
 def targets(rows: dict[str, dict[str, float]], throughput: str, cold_start: float) -> list[str]:
     kept, peer, eager = rows[KEPT], rows[PEER], rows["torch fp32 eager"]
     checks = [
-        ("batch-1 p50, INC / ONNX Runtime int8", kept["latency_batch1_p50_ms"] / peer["latency_batch1_p50_ms"], "<=", 0.9),
-        ("batch-1 p50, INC / torch fp32 eager", kept["latency_batch1_p50_ms"] / eager["latency_batch1_p50_ms"], "<=", 0.35),
+        (
+            "batch-1 p50, INC / ONNX Runtime int8",
+            kept["latency_batch1_p50_ms"] / peer["latency_batch1_p50_ms"],
+            "<=",
+            0.9,
+        ),
+        (
+            "batch-1 p50, INC / torch fp32 eager",
+            kept["latency_batch1_p50_ms"] / eager["latency_batch1_p50_ms"],
+            "<=",
+            0.35,
+        ),
         ("batch-32 throughput, INC / torch fp32 eager", kept[throughput] / eager[throughput], ">=", 2.0),
         ("batch-32 throughput, INC / ONNX Runtime int8", kept[throughput] / peer[throughput], ">=", 1.0),
         ("accuracy, INC - fp32 (points)", 100 * (kept["accuracy"] - eager["accuracy"]), ">=", -0.5),
@@ -96,7 +129,10 @@ def targets(rows: dict[str, dict[str, float]], throughput: str, cold_start: floa
         ("cold start of the edge script, INC (s)", cold_start, "<=", 1.0),
     ]
     met = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
-    return [f"{name}: {value:.2f} (target {op} {bound}): {'met' if met[op](value, bound) else 'MISSED'}" for name, value, op, bound in checks]
+    return [
+        f"{name}: {value:.2f} (target {op} {bound}): {'met' if met[op](value, bound) else 'MISSED'}"
+        for name, value, op, bound in checks
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,7 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     source = Path(args.model).resolve()
     model_config = intel_compressor.check_model_directory(source)
     options = intel_compressor.build_parser().parse_args(
-        [f"--model={source}", f"--timing_texts={args.timing_texts}", f"--latency_texts={args.latency_texts}", f"--batch_size={args.batch_size}"]
+        [
+            f"--model={source}",
+            f"--timing_texts={args.timing_texts}",
+            f"--latency_texts={args.latency_texts}",
+            f"--batch_size={args.batch_size}",
+        ]
     )
     config = intel_compressor.run_config(source, options)
     saved_test = json.loads((source / "training_config.json").read_text())["test_file"]
@@ -118,17 +159,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     fp32 = load_classifier(source)
     batches = [pad(fp32.token_ids(calibration[i : i + 32]), fp32.pad_token_id) for i in range(0, len(calibration), 32)]
-    models, sizes, build_seconds = {"torch fp32 eager": fp32}, {"torch fp32 eager": intel_compressor.directory_size(source)}, {}
+    models, sizes, build_seconds = (
+        {"torch fp32 eager": fp32},
+        {"torch fp32 eager": intel_compressor.directory_size(source)},
+        {},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         exports = intel_compressor.export_graphs(source, fp32, model_config, scratch)
-        for name, (model, size) in intel_compressor.onnxruntime_peers(exports, fp32, source, scratch, args.num_threads).items():
+        for name, (model, size) in intel_compressor.onnxruntime_peers(
+            exports, fp32, source, scratch, args.num_threads
+        ).items():
             models[name], sizes[name] = model, size
-        models[f"{PEER}, fused export"], sizes[f"{PEER}, fused export"] = fused_peer(exports, fp32, source, scratch, args.num_threads)
+        models[f"{PEER}, fused export"], sizes[f"{PEER}, fused export"] = fused_peer(
+            exports, fp32, source, scratch, args.num_threads
+        )
         for fmt, mode in [("onnx", "static"), ("onnx", "dynamic"), ("onnx", "weight-only"), ("aoti", "static")]:
             variant = intel_compressor.build_variant(source, fmt, mode, fp32, batches, exports, scratch, [])
             name = f"INC {fmt} {mode}"
-            models[name], sizes[name] = load_classifier(variant.directory, args.num_threads), intel_compressor.directory_size(variant.directory)
+            models[name], sizes[name] = (
+                load_classifier(variant.directory, args.num_threads),
+                intel_compressor.directory_size(variant.directory),
+            )
             build_seconds[name] = variant.seconds
             if name == KEPT:
                 cold_start = cold_start_seconds(variant.directory, 5, args.num_threads)
@@ -151,10 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     throughput = f"throughput_batch{args.batch_size}_texts_per_s"
     checks = targets(rows, throughput, cold_start)
     print("\n".join(checks))
-    print(f"cold start of intel_compressor_test.py with one text (s, median of 5): {KEPT} {cold_start:.2f}, torch fp32 {fp32_cold_start:.2f}")
+    print(
+        "cold start of intel_compressor_test.py with one text (s, median "
+        f"of 5): {KEPT} {cold_start:.2f}, torch fp32 {fp32_cold_start:.2f}"
+    )
     result = {
-        "model": str(source), "test_rows": len(test), "num_threads": args.num_threads, "cpu": cpu_description(), "rows": rows,
-        "targets": checks, "cold_start_seconds": {KEPT: cold_start, "torch fp32": fp32_cold_start}, "build_seconds": build_seconds,
+        "model": str(source), "test_rows": len(test), "num_threads": args.num_threads, "cpu": cpu_description(),
+        "rows": rows, "targets": checks, "cold_start_seconds": {KEPT: cold_start, "torch fp32": fp32_cold_start},
+        "build_seconds": build_seconds,
         "graph_fusions": exports.fusions,
     }  # fmt: skip
     if args.json:

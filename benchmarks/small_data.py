@@ -206,7 +206,8 @@ def main() -> None:
     for protocol, key, n_train, n_test, m in rows:
         micro = f"{m['micro_f1']:.4f}" if "micro_f1" in m else "-"
         print(
-            f"| {protocol} | {key} | {n_train} | {n_test} | {m['accuracy']:.4f} | {micro} | {m['macro_f1']:.4f} | {m['epochs']} | {m['seconds']:.0f} |"
+            f"| {protocol} | {key} | {n_train} | {n_test} | {m['accuracy']:.4f} | "
+            f"{micro} | {m['macro_f1']:.4f} | {m['epochs']} | {m['seconds']:.0f} |"
         )
     print_targets(rows)
 
@@ -224,12 +225,14 @@ def print_targets(rows: list[tuple]) -> None:
                 if key in found:
                     margin = found[key][metric] - found["probe"][metric]
                     print(
-                        f"{protocol}: {key} {metric} - probe = {margin * 100:+.1f} points (target >= +3.0): {'met' if margin >= 0.03 else 'MISSED'}"
+                        f"{protocol}: {key} {metric} - probe = {margin * 100:+.1f} points "
+                        f"(target >= +3.0): {'met' if margin >= 0.03 else 'MISSED'}"
                     )
         if "manual" in found and "trainer" in found:
             gap = abs(found["manual"][metric] - found["trainer"][metric])
             print(
-                f"{protocol}: |manual - trainer| {metric} = {gap * 100:.1f} points (target <= 1.0): {'met' if gap <= 0.01 else 'MISSED'}"
+                f"{protocol}: |manual - trainer| {metric} = {gap * 100:.1f} "
+                f"points (target <= 1.0): {'met' if gap <= 0.01 else 'MISSED'}"
             )
 
 

@@ -114,7 +114,10 @@ def main() -> None:
     if args.nproc > 1:
         variants = {
             f"manual loop, 1 process x {args.num_threads} threads": (run_manual_wall, []),
-            f"manual loop, {args.nproc} processes x 1 thread (torchrun)": (lambda argv: run_torchrun(argv, args.nproc), []),
+            f"manual loop, {args.nproc} processes x 1 thread (torchrun)": (
+                lambda argv: run_torchrun(argv, args.nproc),
+                [],
+            ),
         }
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,10 +125,18 @@ def main() -> None:
         train, valid = write_slices(args.dataset, args.rows, 0, tmp)
         common = [
             f"--model_name_or_path={resolve_embedded('embedded:all-MiniLM-L6-v2')}",
-            f"--train_file={train}", f"--validation_file={valid}", "--test_file=",
-            f"--max_length={args.max_length}", f"--batch_size={args.batch_size}", "--epochs=1", "--min_steps=0",
-            "--freeze_epochs=0", f"--num_threads={args.num_threads}",
-            f"--output_dir={tmp / 'outputs'}", f"--logging_dir={tmp / 'runs'}", "--save_total_limit=1",
+            f"--train_file={train}",
+            f"--validation_file={valid}",
+            "--test_file=",
+            f"--max_length={args.max_length}",
+            f"--batch_size={args.batch_size}",
+            "--epochs=1",
+            "--min_steps=0",
+            "--freeze_epochs=0",
+            f"--num_threads={args.num_threads}",
+            f"--output_dir={tmp / 'outputs'}",
+            f"--logging_dir={tmp / 'runs'}",
+            "--save_total_limit=1",
         ]
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
@@ -133,8 +144,10 @@ def main() -> None:
                 seconds[name].append(run([*common, *extra, f"--run_name=r{round_}-v{i}"]))
 
     print(f"\nCPU: {cpu_description()}")
-    print(f"{args.dataset}: {args.rows} rows, max_length {args.max_length}, batch {args.batch_size}, "
-          f"{args.num_threads} threads, median of {args.rounds} interleaved rounds")
+    print(
+        f"{args.dataset}: {args.rows} rows, max_length {args.max_length}, batch {args.batch_size}, "
+        f"{args.num_threads} threads, median of {args.rounds} interleaved rounds"
+    )
     manual = args.rows / statistics.median(seconds[next(iter(variants))])
     print("| variant | examples/s | manual loop / variant |\n|---|---|---|")
     for name, values in seconds.items():

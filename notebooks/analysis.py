@@ -53,7 +53,10 @@ def finished_runs(outputs: Path) -> list[Path]:
     """Run directories with a best model and test predictions, newest first."""
     runs = [p.parent for p in outputs.glob("*/test_predictions.csv") if (p.parent / "best_model").is_dir()]
     if not runs:
-        raise FileNotFoundError(f"{outputs}: no finished run (a run directory with best_model/ and test_predictions.csv); run `make train` first")
+        raise FileNotFoundError(
+            f"{outputs}: no finished run (a run directory with best_model/ "
+            "and test_predictions.csv); run `make train` first"
+        )
     return sorted(runs, key=lambda p: (p / "test_predictions.csv").stat().st_mtime, reverse=True)
 
 
@@ -110,7 +113,10 @@ def windows_per_text(lengths: np.ndarray, max_length: int, stride: int, special_
 
 def examples_per_label(data: LabeledData, space: LabelSpace, per_label: int, seed: int) -> pd.DataFrame:
     """A few texts of each label, drawn at random (seeded); multi-label texts under their first label."""
-    rows = [(labels[0] if labels else "(none)", text) for text, labels in zip(data.texts, hard_label_sets(data.targets, space), strict=True)]
+    rows = [
+        (labels[0] if labels else "(none)", text)
+        for text, labels in zip(data.texts, hard_label_sets(data.targets, space), strict=True)
+    ]
     shuffled = pd.DataFrame(rows, columns=["label", "text"]).sample(frac=1, random_state=seed)
     return shuffled.groupby("label").head(per_label).sort_values("label", kind="stable").reset_index(drop=True)
 
@@ -190,7 +196,9 @@ def reliability(probs: np.ndarray, truth: np.ndarray, bins: int = 15) -> pd.Data
     confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == truth
     bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     frame = pd.DataFrame({"bin": bin_of, "confidence": confidence, "accuracy": correct})
-    return frame.groupby("bin").agg(confidence=("confidence", "mean"), accuracy=("accuracy", "mean"), texts=("accuracy", "size"))
+    return frame.groupby("bin").agg(
+        confidence=("confidence", "mean"), accuracy=("accuracy", "mean"), texts=("accuracy", "size")
+    )
 
 
 def before_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -206,21 +214,28 @@ def worst_errors(predictions: pd.DataFrame, multilabel: bool, delimiter: str, ro
     if not multilabel:
         wrong = predictions[predictions["label"] != predictions["predicted"]]
         confidence = [wrong.at[i, f"prob_{p}"] for i, p in zip(wrong.index, wrong["predicted"], strict=True)]
-        true_probability = [wrong.at[i, f"prob_{t}"] if f"prob_{t}" in wrong else np.nan for i, t in zip(wrong.index, wrong["label"], strict=True)]
-        table = wrong[["text", "label", "predicted"]].assign(confidence=confidence, probability_of_true_label=true_probability)
+        true_probability = [
+            wrong.at[i, f"prob_{t}"] if f"prob_{t}" in wrong else np.nan
+            for i, t in zip(wrong.index, wrong["label"], strict=True)
+        ]
+        table = wrong[["text", "label", "predicted"]].assign(
+            confidence=confidence, probability_of_true_label=true_probability
+        )
         return table.sort_values("confidence", ascending=False).head(rows).reset_index(drop=True)
     labels = label_names(predictions)
     truth = label_matrix(predictions["label"], labels, delimiter)
     wrong_rows, wrong_labels = np.nonzero(truth != label_matrix(predictions["predicted"], labels, delimiter))
     probability = predictions[probability_columns(predictions)].to_numpy()[wrong_rows, wrong_labels]
     missed = truth[wrong_rows, wrong_labels] == 1
-    table = pd.DataFrame({
-        "text": predictions["text"].to_numpy()[wrong_rows],
-        "label": np.array(labels)[wrong_labels],
-        "error": np.where(missed, "missed", "false positive"),
-        "probability": probability,
-        "confidence": np.where(missed, 1 - probability, probability),
-    })
+    table = pd.DataFrame(
+        {
+            "text": predictions["text"].to_numpy()[wrong_rows],
+            "label": np.array(labels)[wrong_labels],
+            "error": np.where(missed, "missed", "false positive"),
+            "probability": probability,
+            "confidence": np.where(missed, 1 - probability, probability),
+        }
+    )
     return table.sort_values("confidence", ascending=False).head(rows).reset_index(drop=True)
 
 
@@ -241,13 +256,19 @@ def disagreements(predictions: pd.DataFrame, int8_predicted: list[str], int8_pro
     """The test texts on which the int8 model predicts other label(s) than the fp32 run did
     (`predicted` and the probability columns of test_predictions.csv)."""
     fp32_probs = predictions[probability_columns(predictions)].to_numpy()
-    frame = pd.DataFrame({
-        "text": predictions["text"],
-        "label": predictions["label"],
-        "fp32": predictions["predicted"],
-        "int8": int8_predicted,
-        "fp32_top_probability": fp32_probs.max(axis=1),
-        "int8_top_probability": int8_probs.max(axis=1),
-        "max_probability_difference": np.abs(fp32_probs - int8_probs).max(axis=1),
-    })
-    return frame[frame["fp32"] != frame["int8"]].sort_values("max_probability_difference", ascending=False).reset_index(drop=True)
+    frame = pd.DataFrame(
+        {
+            "text": predictions["text"],
+            "label": predictions["label"],
+            "fp32": predictions["predicted"],
+            "int8": int8_predicted,
+            "fp32_top_probability": fp32_probs.max(axis=1),
+            "int8_top_probability": int8_probs.max(axis=1),
+            "max_probability_difference": np.abs(fp32_probs - int8_probs).max(axis=1),
+        }
+    )
+    return (
+        frame[frame["fp32"] != frame["int8"]]
+        .sort_values("max_probability_difference", ascending=False)
+        .reset_index(drop=True)
+    )

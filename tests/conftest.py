@@ -64,7 +64,14 @@ def banking_runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     trainer_classification.main([*tiny_run_args(tiny_bert_dir, directory, "trainer"), *data])
     best = directory / "outputs" / "manual" / "best_model"
     report = intel_compressor.main([f"--model={best}", *FAST_TIMING])
-    return {"directory": directory, "best": best, "int8": best.with_name("best_model-int8"), "report": report, "train": train, "test": test}
+    return {
+        "directory": directory,
+        "best": best,
+        "int8": best.with_name("best_model-int8"),
+        "report": report,
+        "train": train,
+        "test": test,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +81,22 @@ def nlupp_run(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     import split_csv_script
 
     directory = tmp_path_factory.mktemp("nlupp")
-    train, test = split_csv_script.main([str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={directory}"])
-    data = [f"--train_file={train}", "--validation_file=", f"--test_file={test}", "--label_column=labels", "--reduce_ratio=0.3", "--epochs=3"]
+    train, test = split_csv_script.main(
+        [str(shared_file("nlupp/banking.csv")), "--label_column=labels", f"--output_dir={directory}"]
+    )
+    data = [
+        f"--train_file={train}",
+        "--validation_file=",
+        f"--test_file={test}",
+        "--label_column=labels",
+        "--reduce_ratio=0.3",
+        "--epochs=3",
+    ]
     manual_classification.main([*tiny_run_args(tiny_bert_dir, directory, "manual"), *data])
-    return {"directory": directory, "best": directory / "outputs" / "manual" / "best_model", "train": train, "test": test, "data_args": data}
+    return {
+        "directory": directory,
+        "best": directory / "outputs" / "manual" / "best_model",
+        "train": train,
+        "test": test,
+        "data_args": data,
+    }

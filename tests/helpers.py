@@ -57,9 +57,6 @@ def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> lis
     ]
 
 
-
-
-
 # On CPU the resumed run repeats the same float operations in the same order: losses agree
 # to the last bit in practice; the tolerance only absorbs summation-order noise.
 LOSS_TOLERANCE = 1e-6

@@ -67,7 +67,9 @@ def test_the_threshold_keeps_the_configured_share_of_validation_texts(banking_ru
         valid = load_data(config)[2]
         model = intel_compressor_test.load_classifier(run_dir / "best_model")
         scores = model.predictions(valid.texts)[1]
-        assert model.ood_threshold == pytest.approx(calibration["ood_threshold"]) and calibration["in_scope_share"] == 0.95
+        assert (
+            model.ood_threshold == pytest.approx(calibration["ood_threshold"]) and calibration["in_scope_share"] == 0.95
+        )
         assert np.mean(scores <= model.ood_threshold) == pytest.approx(0.95, abs=1 / len(valid))
         assert model.temperature == pytest.approx(calibration["temperature"]) and calibration["temperature"] > 0
         assert 0 <= calibration["ece_after"] <= calibration["ece_before"]  # fitted on these rows
@@ -84,10 +86,15 @@ def test_ood_columns_reach_both_scripts_and_both_edge_paths(banking_runs, tmp_pa
         assert (predictions["out_of_scope"] == (scores > model.ood_threshold)).all()
         metrics = json.loads((run_dir / "test_metrics.json").read_text())
         assert metrics["out_of_scope_share"] == pytest.approx(predictions["out_of_scope"].mean())
-        assert metrics["ece"] == pytest.approx(expected_calibration_error(probs, np.array([model.labels.index(x) for x in predictions["label"]])), abs=1e-4)
+        assert metrics["ece"] == pytest.approx(
+            expected_calibration_error(probs, np.array([model.labels.index(x) for x in predictions["label"]])), abs=1e-4
+        )
     edge_config = json.loads((banking_runs["int8"] / "edge_config.json").read_text())
     fp32 = intel_compressor_test.load_classifier(banking_runs["best"])
-    assert (edge_config["calibration_temperature"], edge_config["ood_threshold"]) == (fp32.temperature, fp32.ood_threshold)
+    assert (edge_config["calibration_temperature"], edge_config["ood_threshold"]) == (
+        fp32.temperature,
+        fp32.ood_threshold,
+    )
     int8 = intel_compressor_test.load_classifier(banking_runs["int8"])
     int8_scores, fp32_scores = int8.predictions(texts)[1], fp32.predictions(texts)[1]
     assert np.corrcoef(int8_scores, fp32_scores)[0, 1] > 0.95  # int8 ranks texts as fp32 does

@@ -46,7 +46,9 @@ def test_task_detection_on_real_data():
     data, nlu = load_split(str(shared_file("nlupp/banking.csv")), nlu_config)
     assert nlu.task == "multilabel" and nlu.num_labels == 48
     raw = pd.read_csv(shared_file("nlupp/banking.csv"), keep_default_na=False)
-    assert data.targets.sum(axis=1).tolist() == [len({x for x in cell.split(";") if x}) for cell in raw["labels"]]  # duplicates collapse
+    assert data.targets.sum(axis=1).tolist() == [
+        len({x for x in cell.split(";") if x}) for cell in raw["labels"]
+    ]  # duplicates collapse
 
 
 def test_soft_label_columns_are_multilabel(tmp_path):
@@ -103,7 +105,9 @@ def test_unseen_label_in_validation(tmp_path):
 
 def test_soft_labels_outside_unit_interval(tmp_path):
     path = write(tmp_path / "soft.csv", "text,p,q\nx,0.5,0.5\ny,1.5,0\n")
-    with pytest.raises(DataError, match=r"soft\.csv, row 2: column 'p' holds '1\.5'; soft labels must be numbers in 0\.\.1"):
+    with pytest.raises(
+        DataError, match=r"soft\.csv, row 2: column 'p' holds '1\.5'; soft labels must be numbers in 0\.\.1"
+    ):
         load_split(path, dataclasses.replace(CONFIG, label_column="p,q"))
 
 

@@ -39,9 +39,16 @@ def odd_slice(tmp_path_factory):
 
 
 @pytest.mark.parametrize("script", ["manual", "trainer"])
-def test_two_processes_write_once_predict_every_row_once_and_agree_on_weights(script, tiny_bert_dir, odd_slice, tmp_path):
+def test_two_processes_write_once_predict_every_row_once_and_agree_on_weights(
+    script, tiny_bert_dir, odd_slice, tmp_path
+):
     train, test = odd_slice
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path, script), f"--train_file={train}", f"--test_file={test}", "--num_threads=1"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path, script),
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--num_threads=1",
+    ]
     result = torchrun(script, args, tmp_path / "digest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16 (8 per process x 2 processes x 1 accumulation)" in result.stdout
@@ -82,7 +89,13 @@ def test_two_processes_of_batch_4_step_like_one_process_of_batch_8_on_the_same_r
     # 160 training rows, a validation file: every batch full (40 of 4, 20 of 8), so the mean loss of
     # two 4-row halves is the mean loss of their 8 rows
     train, test = banking77_slice(tmp_path, classes=5, train_per_class=32, test_per_class=3)
-    data = [f"--train_file={train}", f"--validation_file={test}", f"--test_file={test}", "--epochs=1", "--num_threads=1"]
+    data = [
+        f"--train_file={train}",
+        f"--validation_file={test}",
+        f"--test_file={test}",
+        "--epochs=1",
+        "--num_threads=1",
+    ]
     steps = ["--logging_steps=1", "--eval_steps=5", "--save_total_limit=10"]
     two = [*tiny_run_args(tiny_bert_without_dropout, tmp_path, "two"), *data, *steps, "--batch_size=4"]
     result = torchrun("manual", two, tmp_path / "two", RECORD_BATCHES="1")
@@ -92,13 +105,18 @@ def test_two_processes_of_batch_4_step_like_one_process_of_batch_8_on_the_same_r
     assert len(joined) == 20 and all(len(batch) == 8 for batch in joined)
     monkeypatch.setattr(TrainBatchSampler, "__iter__", lambda sampler: iter(joined))  # the same rows, one process
     monkeypatch.setattr(TrainBatchSampler, "__len__", lambda sampler: len(joined))
-    manual_classification.main([*tiny_run_args(tiny_bert_without_dropout, tmp_path, "one"), *data, *steps, "--batch_size=8"])
+    manual_classification.main(
+        [*tiny_run_args(tiny_bert_without_dropout, tmp_path, "one"), *data, *steps, "--batch_size=8"]
+    )
 
     first_steps = range(1, 6)
     two_losses, one_losses = step_losses(tmp_path / "runs" / "two"), step_losses(tmp_path / "runs" / "one")
-    torch.testing.assert_close([two_losses[s] for s in first_steps], [one_losses[s] for s in first_steps], **EQUIVALENCE_TOLERANCE)
+    torch.testing.assert_close(
+        [two_losses[s] for s in first_steps], [one_losses[s] for s in first_steps], **EQUIVALENCE_TOLERANCE
+    )
     after_two, after_one = (
-        load_training_state(tmp_path / "outputs" / name / "checkpoints" / "checkpoint-5")["model"] for name in ("two", "one")
+        load_training_state(tmp_path / "outputs" / name / "checkpoints" / "checkpoint-5")["model"]
+        for name in ("two", "one")
     )
     assert after_two.keys() == after_one.keys()
     for name in [name for name in after_two if not name.endswith("key.bias")]:
@@ -107,7 +125,12 @@ def test_two_processes_of_batch_4_step_like_one_process_of_batch_8_on_the_same_r
 
 def test_resuming_with_another_number_of_processes_is_refused(tiny_bert_dir, odd_slice, tmp_path, capsys, monkeypatch):
     train, test = odd_slice
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path, "two"), f"--train_file={train}", f"--test_file={test}", "--epochs=1"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path, "two"),
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--epochs=1",
+    ]
     assert torchrun("manual", args, tmp_path / "digest").returncode == 0
     monkeypatch.setattr(sys, "argv", ["manual_classification.py", *args, "--resume"])
     assert run_cli(manual_classification.main) == 2
@@ -133,5 +156,7 @@ def test_a_two_process_run_interrupted_and_resumed_continues_exactly(tiny_bert_d
     assert sorted(expected) == list(range(13, 25)) and sorted(got) == sorted(expected)
     for step, value in expected.items():
         assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
-    straight_digest, resumed_digest = (json.loads((tmp_path / f"{name}.rank0.json").read_text()) for name in ("straight", "resumed"))
+    straight_digest, resumed_digest = (
+        json.loads((tmp_path / f"{name}.rank0.json").read_text()) for name in ("straight", "resumed")
+    )
     assert resumed_digest == straight_digest  # the same final weights

@@ -17,11 +17,22 @@ def test_a_venv_from_requirements_edge_alone_runs_the_int8_model(banking_runs, t
     python = str(venv / "bin" / "python")
     install = [python, "-m", "pip", "install", "--quiet", "--no-deps", "-r", str(REPO / "requirements-edge.txt")]
     subprocess.run(install, check=True, capture_output=True)
-    installed = json.loads(subprocess.run([python, "-m", "pip", "list", "--format=json"], check=True, capture_output=True, text=True).stdout)
-    assert {p["name"].lower() for p in installed} - {"pip", "setuptools"} == {"numpy", "onnxruntime", "tokenizers", "tqdm"}
+    installed = json.loads(
+        subprocess.run(
+            [python, "-m", "pip", "list", "--format=json"], check=True, capture_output=True, text=True
+        ).stdout
+    )
+    assert {p["name"].lower() for p in installed} - {"pip", "setuptools"} == {
+        "numpy",
+        "onnxruntime",
+        "tokenizers",
+        "tqdm",
+    }
     texts = ["I still have not received my new card", "How do I activate my card?"]
     command = [python, str(REPO / "intel_compressor_test.py"), f"--model={banking_runs['int8']}", *texts]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True)  # not the repository: nothing else importable
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, check=True
+    )  # not the repository: nothing else importable
     labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
     lines = result.stdout.strip().splitlines()
     assert [line.split("\t")[2] for line in lines] == texts

@@ -69,7 +69,12 @@ def test_multilabel_nlupp(tiny_bert_dir, tmp_path):
     train, test = split_csv_script.main(
         [str(shared_file("nlupp/banking.csv")), "--label_column=labels", "--test-size=0.2", f"--output_dir={tmp_path}"]
     )
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path), f"--train_file={train}", f"--test_file={test}", "--label_column=labels"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path),
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--label_column=labels",
+    ]
     manual_classification.main(args)
     run_dir = tmp_path / "outputs" / "run"
     out = read_outputs(run_dir)
@@ -87,7 +92,7 @@ def test_multilabel_nlupp(tiny_bert_dir, tmp_path):
     source = pd.read_csv(test, keep_default_na=False)["labels"]
     assert [set(c.split(";")) - {""} for c in predictions["label"]] == [set(c.split(";")) - {""} for c in source]
     for row in predictions.head(20).itertuples(index=False):
-        above = {c[len("prob_"):] for c in prob_columns if getattr(row, c) >= threshold}
+        above = {c[len("prob_") :] for c in prob_columns if getattr(row, c) >= threshold}
         assert above == set(row.predicted.split(";")) - {""}
 
 
@@ -97,8 +102,13 @@ def test_binary_imdb_loads_in_a_pipeline_with_both_labels(tiny_bert_dir, tmp_pat
     test = pd.read_csv(shared_file("imdb/test.csv.gz")).groupby("label").head(15)
     train.to_csv(tmp_path / "train.csv", index=False)
     test.to_csv(tmp_path / "test.csv", index=False)
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path), f"--train_file={tmp_path / 'train.csv'}",
-            f"--test_file={tmp_path / 'test.csv'}", "--epochs=1", "--freeze_epochs=0"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path),
+        f"--train_file={tmp_path / 'train.csv'}",
+        f"--test_file={tmp_path / 'test.csv'}",
+        "--epochs=1",
+        "--freeze_epochs=0",
+    ]
     manual_classification.main(args)
     run_dir = tmp_path / "outputs" / "run"
     out = read_outputs(run_dir)
@@ -106,7 +116,9 @@ def test_binary_imdb_loads_in_a_pipeline_with_both_labels(tiny_bert_dir, tmp_pat
 
     classify = pipeline("text-classification", model=str(run_dir / "best_model"), top_k=None)
     texts = out["predictions"]["text"].head(4).tolist()
-    for text, scores, row in zip(texts, classify(texts, truncation=True, max_length=64), out["predictions"].head(4).itertuples()):
+    for text, scores, row in zip(
+        texts, classify(texts, truncation=True, max_length=64), out["predictions"].head(4).itertuples()
+    ):
         by_label = {s["label"]: s["score"] for s in scores}
         assert set(by_label) == {"negative", "positive"}
         assert by_label["positive"] == pytest.approx(row.prob_positive, abs=1e-4)
@@ -116,7 +128,10 @@ def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path):
     missing = tmp_path / "nope.csv"
     result = subprocess.run(
         [sys.executable, "manual_classification.py", f"--train_file={missing}", f"--output_dir={tmp_path / 'out'}"],
-        cwd=REPO, capture_output=True, text=True, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing}: file not found"
@@ -127,7 +142,11 @@ def test_unseen_test_label_is_refused_before_training(tiny_bert_dir, banking_sli
     train, _ = banking_slice
     other = pd.read_csv(shared_file("banking77/test.csv"))
     other[other.label == "visa_or_mastercard"].head(3).to_csv(tmp_path / "bad_test.csv", index=False)
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path), f"--train_file={train}", f"--test_file={tmp_path / 'bad_test.csv'}"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path),
+        f"--train_file={train}",
+        f"--test_file={tmp_path / 'bad_test.csv'}",
+    ]
     with pytest.raises(DataError, match=r"bad_test\.csv, row 1: label 'visa_or_mastercard' does not appear"):
         manual_classification.main(args)
     assert not (tmp_path / "outputs").exists()

@@ -37,10 +37,16 @@ from utility_functions import PaddingCollator, encode, load_split, load_tokenize
 
 REPORT_FIELDS = {
     "format", "mode", "fp32_layers", "inc_version", "onnxruntime_version", "torch_version", "source", "metric",
-    "tolerance_points", "within_tolerance", "fp32", "int8", "peers", "agreement", "size_bytes", "size_ratio", "candidates",
-    "graph_fusions", "calibration_texts", "validation_rows", "num_threads", "cpu", "int8_ops", "seconds",
+    "tolerance_points", "within_tolerance", "fp32", "int8", "peers", "agreement", "size_bytes", "size_ratio",
+    "candidates", "graph_fusions", "calibration_texts", "validation_rows", "num_threads", "cpu", "int8_ops", "seconds",
 }  # fmt: skip
-SPEED_FIELDS = {"latency_batch1_p50_ms", "latency_batch1_p95_ms", "throughput_batch32_texts_per_s", "size_mb", "agreement"}
+SPEED_FIELDS = {
+    "latency_batch1_p50_ms",
+    "latency_batch1_p95_ms",
+    "throughput_batch32_texts_per_s",
+    "size_mb",
+    "agreement",
+}
 PEERS = ["onnxruntime fp32", "onnxruntime quantize_dynamic int8"]
 
 
@@ -49,7 +55,9 @@ def test_report_has_fp32_onnxruntime_and_inc_side_by_side(banking_runs):
     assert json.loads((banking_runs["int8"] / "quantization_report.json").read_text()) == report
     assert set(report) == REPORT_FIELDS
     assert (report["format"], report["mode"], report["fp32_layers"]) == ("onnx", "static", [])
-    assert report["inc_version"] == version("onnx-neural-compressor") and report["onnxruntime_version"] == version("onnxruntime")
+    assert report["inc_version"] == version("onnx-neural-compressor") and report["onnxruntime_version"] == version(
+        "onnxruntime"
+    )
     assert report["torch_version"] == torch.__version__ and "vector extensions" in report["cpu"]
     assert sorted(report["peers"]) == PEERS
     for figures in [report["fp32"], report["int8"], *report["peers"].values()]:
@@ -58,12 +66,22 @@ def test_report_has_fp32_onnxruntime_and_inc_side_by_side(banking_runs):
     assert report["fp32"]["agreement"] == 1 and report["peers"]["onnxruntime fp32"]["agreement"] == 1  # same function
     assert report["validation_rows"] == 20 and report["calibration_texts"] == 180  # valid_size 0.1 of 200 rows
     # the tiny BERT's two layers fused (attention, residual + LayerNorm twice each, bias + GELU) and run in int8
-    assert report["graph_fusions"] == {"Attention": 2, "BiasGelu": 2, "LayerNormalization": 1, "SkipLayerNormalization": 4}
+    assert report["graph_fusions"] == {
+        "Attention": 2,
+        "BiasGelu": 2,
+        "LayerNormalization": 1,
+        "SkipLayerNormalization": 4,
+    }
     assert report["int8_ops"]["QAttention"] == 2 and report["int8_ops"]["QGemm"] == 2  # pooler and classifier too
     # the 30522 x 64 embedding table is 7.5 MiB of the 8.4 MiB fp32 directory and 1.9 MiB in int8; both
     # directories hold the same 0.7 MiB tokenizer.json (MiniLM's int8 directory is 26% of fp32)
     assert report["size_bytes"]["int8"] < 0.45 * report["size_bytes"]["fp32"]
-    assert sorted(p.name for p in banking_runs["int8"].iterdir()) == ["edge_config.json", "model.onnx", "quantization_report.json", "tokenizer.json"]
+    assert sorted(p.name for p in banking_runs["int8"].iterdir()) == [
+        "edge_config.json",
+        "model.onnx",
+        "quantization_report.json",
+        "tokenizer.json",
+    ]
     assert report["agreement"] >= 0.8
 
 
@@ -74,7 +92,9 @@ def test_onnx_exports_compute_the_models_logits(banking_runs, tmp_path):
     fp32 = intel_compressor_test.load_classifier(banking_runs["best"])
     config = json.loads((banking_runs["best"] / "config.json").read_text())
     exports = intel_compressor.export_graphs(banking_runs["best"], fp32, config, tmp_path)
-    input_ids, mask = intel_compressor_test.pad(fp32.token_ids(pd.read_csv(banking_runs["test"])["text"].tolist()[:9]), fp32.pad_token_id)
+    input_ids, mask = intel_compressor_test.pad(
+        fp32.token_ids(pd.read_csv(banking_runs["test"])["text"].tolist()[:9]), fp32.pad_token_id
+    )
     assert (mask == 0).any()
     expected = fp32.forward(input_ids, mask)
     for graph in exports.plain, exports.fused:
@@ -87,7 +107,8 @@ def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(ba
         "import json, sys; import intel_compressor_test as edge\n"
         f"model = edge.load_classifier({str(banking_runs['int8'])!r})\n"
         f"probs = model.probabilities({texts!r}, batch_size=4)\n"
-        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted({'torch', 'transformers', 'pandas', 'onnx', 'neural_compressor', 'onnx_neural_compressor'} & set(sys.modules))}))"
+        "heavy = {'torch', 'transformers', 'pandas', 'onnx', 'neural_compressor', 'onnx_neural_compressor'}\n"
+        "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted(heavy & set(sys.modules))}))"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     out = json.loads(result.stdout)
@@ -105,7 +126,13 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
     data, _ = load_split(str(banking_runs["test"]), Config())
     tokenizer = load_tokenizer(str(banking_runs["best"]))
     model = AutoModelForSequenceClassification.from_pretrained(banking_runs["best"]).eval()
-    logits = predict_logits(model, encode(tokenizer, data, intel_compressor_test.LongText(max_length=64)), PaddingCollator(tokenizer.pad_token_id), 8, torch.device("cpu"))
+    logits = predict_logits(
+        model,
+        encode(tokenizer, data, intel_compressor_test.LongText(max_length=64)),
+        PaddingCollator(tokenizer.pad_token_id),
+        8,
+        torch.device("cpu"),
+    )
     edge = intel_compressor_test.load_classifier(banking_runs["best"])
     assert edge.kind == "fp32" and edge.max_length == 64
     np.testing.assert_allclose(edge.probabilities(data.texts, 8), torch.softmax(logits, -1).numpy(), atol=1e-5)
@@ -114,7 +141,11 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
 def test_command_line_prints_label_probability_and_ood_score_per_text(banking_runs):
     texts = ["I still have not received my new card", "How do I activate my card?"]
     result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     lines = result.stdout.strip().splitlines()
     labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
@@ -132,7 +163,15 @@ def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking
     frame = pd.read_csv(banking_runs["test"]).assign(id=lambda f: range(len(f)))
     source, target = tmp_path / "in.csv", tmp_path / "out.csv"
     frame.to_csv(source, index=False)
-    intel_compressor_test.main([f"--model={banking_runs['int8']}", f"--input={source}", f"--output={target}", "--chunk_rows=7", "--batch_size=3"])
+    intel_compressor_test.main(
+        [
+            f"--model={banking_runs['int8']}",
+            f"--input={source}",
+            f"--output={target}",
+            "--chunk_rows=7",
+            "--batch_size=3",
+        ]
+    )
     out = pd.read_csv(target)
     model = intel_compressor_test.load_classifier(banking_runs["int8"])
     prob_columns = [f"prob_{label}" for label in model.labels]
@@ -145,7 +184,15 @@ def test_csv_is_streamed_in_chunks_with_one_probability_column_per_label(banking
 
 def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking_runs, tmp_path):
     tolerance = 2.0  # points; 20 validation rows move macro-F1 in steps of several points
-    report = intel_compressor.main([f"--model={banking_runs['best']}", f"--output={tmp_path / 'auto'}", "--mode=auto", f"--tolerance={tolerance}", *FAST_TIMING])
+    report = intel_compressor.main(
+        [
+            f"--model={banking_runs['best']}",
+            f"--output={tmp_path / 'auto'}",
+            "--mode=auto",
+            f"--tolerance={tolerance}",
+            *FAST_TIMING,
+        ]
+    )
     candidates = report["candidates"]
     assert {"static", "dynamic", "weight-only"} <= set(candidates)
     fp32 = report["fp32"]["macro_f1"]
@@ -161,10 +208,14 @@ def test_auto_keeps_the_fastest_variant_within_the_tolerance(banking_runs, tmp_p
 def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_run, tmp_path):
     best, test = nlupp_run["best"], nlupp_run["test"]
     int8 = tmp_path / "int8"
-    report = intel_compressor.main([f"--model={best}", f"--output={int8}", "--mode=weight-only", "--calibration_size=64", *FAST_TIMING])
+    report = intel_compressor.main(
+        [f"--model={best}", f"--output={int8}", "--mode=weight-only", "--calibration_size=64", *FAST_TIMING]
+    )
     assert report["mode"] == "weight-only" and "micro_f1" in report["int8"]
     model = intel_compressor_test.load_classifier(int8)
-    assert model.multilabel and model.threshold == json.loads((best / "config.json").read_text())["multilabel_threshold"]
+    assert (
+        model.multilabel and model.threshold == json.loads((best / "config.json").read_text())["multilabel_threshold"]
+    )
     target = tmp_path / "preds.csv"
     intel_compressor_test.main([f"--model={int8}", f"--input={test}", f"--output={target}"])
     out = pd.read_csv(target, keep_default_na=False)
@@ -179,17 +230,28 @@ def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_ru
 def banking_aoti(banking_runs, tmp_path_factory) -> dict:
     """The manual run's model as a compiled program (--format aoti, static)."""
     directory = tmp_path_factory.mktemp("aoti") / "int8"
-    report = intel_compressor.main([f"--model={banking_runs['best']}", f"--output={directory}", "--format=aoti", *FAST_TIMING])
+    report = intel_compressor.main(
+        [f"--model={banking_runs['best']}", f"--output={directory}", "--format=aoti", *FAST_TIMING]
+    )
     return {"int8": directory, "report": report}
 
 
 def test_aoti_program_records_what_it_was_compiled_for_and_agrees_with_fp32(banking_runs, banking_aoti):
     report, directory = banking_aoti["report"], banking_aoti["int8"]
     assert (report["format"], report["inc_version"]) == ("aoti", version("neural-compressor-pt"))
-    assert sorted(p.name for p in directory.iterdir()) == ["edge_config.json", "model.so", "quantization_report.json", "tokenizer.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "edge_config.json",
+        "model.so",
+        "quantization_report.json",
+        "tokenizer.json",
+    ]
     config = json.loads((directory / "edge_config.json").read_text())
     capability = torch.backends.cpu.get_cpu_capability()
-    assert (config["torch_version"], config["cpu_capability"], config["machine"]) == (version("torch"), capability, platform.machine())
+    assert (config["torch_version"], config["cpu_capability"], config["machine"]) == (
+        version("torch"),
+        capability,
+        platform.machine(),
+    )
     assert config["cpu_flags"] == intel_compressor_test.required_cpu_flags(capability)
     texts = pd.read_csv(banking_runs["test"])["text"].tolist()
     int8 = intel_compressor_test.load_classifier(directory).probabilities(texts)
@@ -203,7 +265,9 @@ def test_ctypes_runner_returns_what_torchs_own_aoti_runner_returns(banking_runs,
     model = intel_compressor_test.load_classifier(banking_aoti["int8"])
     texts = pd.read_csv(banking_runs["test"])["text"].tolist()[:7]
     input_ids, mask = intel_compressor_test.pad(model.token_ids(texts), model.pad_token_id)  # 7 texts, padded
-    reference = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1).run([torch.from_numpy(input_ids), torch.from_numpy(mask)])[0]
+    reference = torch._C._aoti.AOTIModelContainerRunnerCpu(str(library), 1).run(
+        [torch.from_numpy(input_ids), torch.from_numpy(mask)]
+    )[0]
     logits = intel_compressor_test.CompiledProgram(library)(input_ids, mask)
     assert logits.dtype == np.float32 and logits.shape == (7, 5)
     np.testing.assert_array_equal(logits, reference.numpy())
@@ -220,18 +284,27 @@ def edited_copy(directory: Path, target: Path, **changes) -> Path:
 def test_edge_refuses_a_program_compiled_for_another_torch(banking_aoti, tmp_path):
     copy = edited_copy(banking_aoti["int8"], tmp_path / "int8", torch_version="2.12.0+cpu")
     installed = re.escape(version("torch"))
-    with pytest.raises(intel_compressor_test.DataError, match=rf"compiled for torch 2.12.0\+cpu, the installed torch is {installed}"):
+    with pytest.raises(
+        intel_compressor_test.DataError, match=rf"compiled for torch 2.12.0\+cpu, the installed torch is {installed}"
+    ):
         intel_compressor_test.load_classifier(copy)
 
 
 def test_edge_refuses_a_program_compiled_for_instructions_this_cpu_lacks(banking_aoti, tmp_path):
     """As if built on a CPU with an extension this one lacks, or on another architecture: one line
     before model.so is loaded, instead of an illegal instruction."""
-    lacking = edited_copy(banking_aoti["int8"], tmp_path / "flags", cpu_capability="AVX512", cpu_flags=["avx512f", "avx9000"])
-    with pytest.raises(intel_compressor_test.DataError, match=r"compiled for \S+ AVX512, this is a CPU without avx9000; use the portable --format onnx"):
+    lacking = edited_copy(
+        banking_aoti["int8"], tmp_path / "flags", cpu_capability="AVX512", cpu_flags=["avx512f", "avx9000"]
+    )
+    with pytest.raises(
+        intel_compressor_test.DataError,
+        match=r"compiled for \S+ AVX512, this is a CPU without avx9000; use the portable --format onnx",
+    ):
         intel_compressor_test.load_classifier(lacking)
     arm = edited_copy(banking_aoti["int8"], tmp_path / "arm", machine="aarch64", cpu_capability="SVE256", cpu_flags=[])
-    with pytest.raises(intel_compressor_test.DataError, match=rf"compiled for aarch64 SVE256, this is a {platform.machine()} CPU"):
+    with pytest.raises(
+        intel_compressor_test.DataError, match=rf"compiled for aarch64 SVE256, this is a {platform.machine()} CPU"
+    ):
         intel_compressor_test.load_classifier(arm)
 
 
@@ -239,7 +312,9 @@ def test_edge_names_a_truncated_or_foreign_onnx_model(banking_runs, tmp_path):
     truncated = shutil.copytree(banking_runs["int8"], tmp_path / "truncated")
     data = (truncated / "model.onnx").read_bytes()
     (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(intel_compressor_test.DataError, match=r"truncated/model.onnx: not a loadable ONNX model \(.*\)$"):
+    with pytest.raises(
+        intel_compressor_test.DataError, match=r"truncated/model.onnx: not a loadable ONNX model \(.*\)$"
+    ):
         intel_compressor_test.load_classifier(truncated)
     foreign = shutil.copytree(banking_runs["int8"], tmp_path / "foreign")
     graph = onnx.helper.make_graph(
@@ -248,7 +323,10 @@ def test_edge_names_a_truncated_or_foreign_onnx_model(banking_runs, tmp_path):
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3])],
     )  # fmt: skip
     onnx.save(onnx.helper.make_model(graph), foreign / "model.onnx")
-    with pytest.raises(intel_compressor_test.DataError, match=r"foreign/model.onnx: not a model from intel_compressor.py \(inputs pixels; expected"):
+    with pytest.raises(
+        intel_compressor_test.DataError,
+        match=r"foreign/model.onnx: not a model from intel_compressor.py \(inputs pixels; expected",
+    ):
         intel_compressor_test.load_classifier(foreign)
 
 
@@ -258,7 +336,8 @@ TINY_ARCHITECTURES = {
         vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=LONG + 2, pad_token_id=0, num_labels=5)),  # positions start after the padding id
     "distilbert": lambda vocab: DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LONG, pad_token_id=0, num_labels=5)),
+        vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LONG, pad_token_id=0,
+        num_labels=5)),
 }  # fmt: skip
 
 
@@ -277,25 +356,34 @@ def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minil
     compiled program's other attention form."""
     torch.manual_seed(0)
     directory = tmp_path / architecture
-    TINY_ARCHITECTURES[architecture](AutoTokenizer.from_pretrained(minilm_path).vocab_size).eval().save_pretrained(directory)
+    TINY_ARCHITECTURES[architecture](AutoTokenizer.from_pretrained(minilm_path).vocab_size).eval().save_pretrained(
+        directory
+    )
     AutoTokenizer.from_pretrained(minilm_path).save_pretrained(directory)
     model_config = intel_compressor.check_model_directory(directory)
     assert model_config["model_type"] == architecture
-    fp32 = dataclasses.replace(intel_compressor_test.load_classifier(directory), long_text=intel_compressor_test.LongText(max_length=LONG))
+    fp32 = dataclasses.replace(
+        intel_compressor_test.load_classifier(directory), long_text=intel_compressor_test.LongText(max_length=LONG)
+    )
     texts = short_and_long_texts(60)
     rows = [ids[:LONG] for ids in fp32.token_ids(texts)]
     batches = [intel_compressor_test.pad(rows[i : i + 10], fp32.pad_token_id) for i in range(0, len(texts), 10)]
     exports = intel_compressor.export_graphs(directory, fp32, model_config, tmp_path)
     intel_compressor.quantize_onnx(exports.fused, "static", batches, [], tmp_path / "model.onnx")
     intel_compressor.build_program(directory, "static", batches, LONG, [], tmp_path / "model.so")
-    runners = {"onnx": intel_compressor_test.onnx_forward(tmp_path / "model.onnx"), "aoti": intel_compressor_test.CompiledProgram(tmp_path / "model.so")}
+    runners = {
+        "onnx": intel_compressor_test.onnx_forward(tmp_path / "model.onnx"),
+        "aoti": intel_compressor_test.CompiledProgram(tmp_path / "model.so"),
+    }
     for batch in rows[:8:2], rows[:16]:  # short texts only (plain attention), then up to LONG tokens (SDPA)
         input_ids, mask = intel_compressor_test.pad(batch, fp32.pad_token_id)
         expected = fp32.forward(input_ids, mask)
         for name, runner in runners.items():
             logits = runner(input_ids, mask)
             assert logits.shape == expected.shape == (len(batch), 5), name
-            assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max(), name  # int8 noise, not a different function
+            assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max(), (
+                name
+            )  # int8 noise, not a different function
     assert input_ids.shape[1] > intel_compressor.MATH_ATTENTION_MAX_TOKENS
 
 
@@ -352,12 +440,19 @@ def test_compressor_rejects_bad_model_directories(banking_runs, tmp_path, capsys
     missing = tmp_path / "nowhere"
     assert str(missing) in one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={missing}"])
     encoder = write_config(tmp_path / "encoder", {"model_type": "bert", "architectures": ["BertModel"]})
-    assert "not a sequence classifier" in one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={encoder}"])
-    gpt2 = write_config(tmp_path / "gpt2", {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "a", "1": "b"}})
+    assert "not a sequence classifier" in one_line_error(
+        capsys, monkeypatch, intel_compressor.main, [f"--model={encoder}"]
+    )
+    gpt2 = write_config(
+        tmp_path / "gpt2",
+        {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "a", "1": "b"}},
+    )
     message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={gpt2}"])
     assert "'gpt2' is not supported" in message and str(gpt2) in message
     other_data = banking77_slice(tmp_path, classes=3, train_per_class=5, test_per_class=1)[0]
-    message = one_line_error(capsys, monkeypatch, intel_compressor.main, [f"--model={banking_runs['best']}", f"--train_file={other_data}"])
+    message = one_line_error(
+        capsys, monkeypatch, intel_compressor.main, [f"--model={banking_runs['best']}", f"--train_file={other_data}"]
+    )
     assert "labels differ" in message
 
 
@@ -366,7 +461,11 @@ def test_edge_script_rejects_an_empty_csv_in_one_line(banking_runs, tmp_path, co
     source = tmp_path / "empty.csv"
     source.write_text(content)
     result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", f"--input={source}"], cwd=REPO, capture_output=True, text=True, check=False
+        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", f"--input={source}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -20,7 +20,9 @@ from tests.helpers import FAST_TIMING, REPO, shared_file, tiny_run_args
 from utility_functions import LabeledData, encode, load_tokenizer
 
 
-@pytest.mark.parametrize(("length", "size", "stride"), [(1, 5, 2), (5, 5, 2), (6, 5, 2), (17, 5, 2), (17, 5, 5), (100, 30, 7), (31, 30, 15)])
+@pytest.mark.parametrize(
+    ("length", "size", "stride"), [(1, 5, 2), (5, 5, 2), (6, 5, 2), (17, 5, 2), (17, 5, 5), (100, 30, 7), (31, 30, 15)]
+)
 def test_windows_cover_every_token_once_a_stride_and_end_with_the_text(length, size, stride):
     starts = window_starts(length, size, stride)
     windows = [range(start, min(start + size, length)) for start in starts]
@@ -35,10 +37,19 @@ def test_model_inputs_wrap_each_piece_in_the_special_tokens_and_name_its_text():
     bodies = [list(range(10, 22)), [7, 8], list(range(30, 40))]
     rows, owners = model_inputs(bodies, LongText("windows", max_length=7, stride=3), [1], [2])
     assert owners.tolist() == [0, 0, 0, 0, 1, 2, 2, 2]  # 12 tokens, room 5: starts 0, 3, 6 and 7
-    assert rows[:4] == [[1, 10, 11, 12, 13, 14, 2], [1, 13, 14, 15, 16, 17, 2], [1, 16, 17, 18, 19, 20, 2], [1, 17, 18, 19, 20, 21, 2]]
+    assert rows[:4] == [
+        [1, 10, 11, 12, 13, 14, 2],
+        [1, 13, 14, 15, 16, 17, 2],
+        [1, 16, 17, 18, 19, 20, 2],
+        [1, 17, 18, 19, 20, 21, 2],
+    ]
     assert rows[4] == [1, 7, 8, 2]
     truncated, owners = model_inputs(bodies, LongText("truncate", max_length=7), [1], [2])
-    assert truncated == [[1, 10, 11, 12, 13, 14, 2], [1, 7, 8, 2], [1, 30, 31, 32, 33, 34, 2]] and owners.tolist() == [0, 1, 2]
+    assert truncated == [[1, 10, 11, 12, 13, 14, 2], [1, 7, 8, 2], [1, 30, 31, 32, 33, 34, 2]] and owners.tolist() == [
+        0,
+        1,
+        2,
+    ]
 
 
 @pytest.mark.parametrize(("share", "head", "tail"), [(0.25, 64, 190), (0.0, 0, 254), (1.0, 254, 0), (0.5, 127, 127)])
@@ -134,10 +145,23 @@ def test_the_edge_reads_windows_fp32_and_int8_one_row_per_text(windows_runs, imd
 def peak_memory_of_the_edge_cli(model, source, tmp_path) -> int:
     """Peak resident memory (KiB) of the edge CLI classifying `source` in a fresh process: VmHWM,
     which starts afresh at exec (ru_maxrss would carry the forking pytest process's peak)."""
-    report = "import atexit; atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]))"
-    run = "import runpy, sys; sys.argv[0] = 'intel_compressor_test.py'; runpy.run_path(sys.argv[0], run_name='__main__')"
-    args = [f"--model={model}", f"--input={source}", f"--output={tmp_path / 'out.csv'}", "--chunk_rows=2", "--batch_size=16"]
-    result = subprocess.run([sys.executable, "-c", f"{report}; {run}", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    report = (
+        "import atexit; "
+        "atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]))"
+    )
+    run = (
+        "import runpy, sys; sys.argv[0] = 'intel_compressor_test.py'; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    args = [
+        f"--model={model}",
+        f"--input={source}",
+        f"--output={tmp_path / 'out.csv'}",
+        "--chunk_rows=2",
+        "--batch_size=16",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", f"{report}; {run}", *args], cwd=REPO, capture_output=True, text=True, check=True
+    )
     return int(result.stdout.split("VmHWM:")[-1].split()[0])
 
 
@@ -150,7 +174,10 @@ def test_a_100000_character_text_goes_through_the_edge_in_flat_memory(windows_ru
     one, many = tmp_path / "one.csv", tmp_path / "many.csv"
     pd.DataFrame({"text": [long]}).to_csv(one, index=False)
     pd.DataFrame({"text": [long[i:] + long[:i] for i in range(0, 40_000, 1_000)]}).to_csv(many, index=False)
-    peak_one, peak_many = peak_memory_of_the_edge_cli(int8, one, tmp_path), peak_memory_of_the_edge_cli(int8, many, tmp_path)
+    peak_one, peak_many = (
+        peak_memory_of_the_edge_cli(int8, one, tmp_path),
+        peak_memory_of_the_edge_cli(int8, many, tmp_path),
+    )
     written = pd.read_csv(tmp_path / "out.csv")
     assert len(written) == 40 and written["predicted"].isin(["negative", "positive"]).all()
     # 2 rows a chunk: 40 texts cost what 2 do (measured +16 MiB; with all 40 in one chunk, +134 MiB)

@@ -48,7 +48,9 @@ def test_multiclass_loss_is_cross_entropy_with_optional_balanced_weights():
     balanced = build_loss(space, train_targets, dataclasses.replace(Config(), class_weights="balanced"))
     weights = [8 / (3 * 4), 8 / (3 * 2), 8 / (3 * 2)]  # n / (classes * count)
     np.testing.assert_allclose(balanced.weight.numpy(), weights, rtol=1e-6)
-    expected = (weights[0] * nll([2.0, 0.0, -1.0], 0) + weights[2] * nll([0.5, 0.5, 3.0], 2)) / (weights[0] + weights[2])
+    expected = (weights[0] * nll([2.0, 0.0, -1.0], 0) + weights[2] * nll([0.5, 0.5, 3.0], 2)) / (
+        weights[0] + weights[2]
+    )
     assert balanced(logits, targets).item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -87,11 +89,21 @@ def test_multilabel_metrics_and_threshold_tuning():
     assert compute_metrics("multilabel", probs, targets, threshold)["micro_f1"] == 1.0
 
 
-def test_predictions_frame_has_labels_and_one_probability_column_per_label():
+def test_predictions_frame_has_labels_the_ood_flag_and_one_probability_column_per_label():
     space = LabelSpace("multilabel", ["x", "y", "z"])
     targets = np.array([[1, 0, 1], [0, 0, 0]], dtype=np.float32)
     probs = np.array([[0.9, 0.2, 0.6], [0.1, 0.1, 0.1]])
-    frame = predictions_frame(["a", "b"], targets, probs, space, 0.5, ";")
-    assert list(frame.columns) == ["text", "label", "predicted", "prob_x", "prob_y", "prob_z"]
+    frame = predictions_frame(["a", "b"], targets, probs, np.array([-3.5, 1.25]), 0.0, space, 0.5, ";")
+    assert list(frame.columns) == [
+        "text",
+        "label",
+        "predicted",
+        "ood_score",
+        "out_of_scope",
+        "prob_x",
+        "prob_y",
+        "prob_z",
+    ]
+    assert frame["out_of_scope"].tolist() == [False, True]
     assert frame["label"].tolist() == ["x;z", ""]
     assert frame["predicted"].tolist() == ["x;z", ""]

@@ -27,7 +27,9 @@ def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> nbformat.
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
-    NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
     return notebook
 
 
@@ -51,7 +53,9 @@ def printed(notebook: nbformat.NotebookNode) -> str:
 
 def results(notebook: nbformat.NotebookNode) -> list[str]:
     """The text form of each code cell's final value (tables), in order."""
-    return [o.data["text/plain"] for cell in code_cells(notebook) for o in cell.outputs if o.output_type == "execute_result"]
+    return [
+        o.data["text/plain"] for cell in code_cells(notebook) for o in cell.outputs if o.output_type == "execute_result"
+    ]
 
 
 def test_committed_notebooks_carry_no_outputs():
@@ -60,7 +64,9 @@ def test_committed_notebooks_carry_no_outputs():
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
         for cell in code_cells(notebook):
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip the outputs (Kernel > Restart and Clear Outputs)"
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name}: strip the outputs (Kernel > Restart and Clear Outputs)"
+            )
         assert notebook.cells[0].cell_type == "markdown" and notebook.cells[0].source.startswith(f"# {path.name[0]}. ")
 
 
@@ -98,7 +104,12 @@ def test_training_notebook_compares_the_two_scripts(banking_runs, monkeypatch):
 
 
 def test_training_notebook_on_a_multilabel_run(nlupp_run, monkeypatch):
-    notebook = execute("2_training.ipynb", monkeypatch, NOTEBOOK_OUTPUTS=str(nlupp_run["directory"] / "outputs"), NOTEBOOK_RUNS="manual")
+    notebook = execute(
+        "2_training.ipynb",
+        monkeypatch,
+        NOTEBOOK_OUTPUTS=str(nlupp_run["directory"] / "outputs"),
+        NOTEBOOK_RUNS="manual",
+    )
     assert_every_figure_drawn(notebook)
     worst = results(notebook)[-1]
     assert "error" in worst and "confidence" in worst
@@ -109,7 +120,11 @@ def test_quantization_notebook(banking_runs, monkeypatch):
     notebook = execute("3_quantization.ipynb", monkeypatch, NOTEBOOK_OUTPUTS=str(banking_runs["directory"] / "outputs"))
     assert_every_figure_drawn(notebook)
     out = printed(notebook)
-    assert "kept INC onnx static" in out and "vector extensions" in out and f"agreement {banking_runs['report']['agreement']:.4f}" in out
+    assert (
+        "kept INC onnx static" in out
+        and "vector extensions" in out
+        and f"agreement {banking_runs['report']['agreement']:.4f}" in out
+    )
     assert "fp32: test exact-match accuracy" in out and "int8: test exact-match accuracy" in out
 
 
@@ -132,10 +147,18 @@ def test_tensorboard_curves_hold_the_validation_history(banking_runs, run):
 def test_report_table_puts_fp32_the_peers_and_every_candidate_side_by_side(banking_runs):
     report = banking_runs["report"]
     table = analysis.report_table(report)
-    assert table.index.tolist() == ["torch fp32 eager", "onnxruntime fp32", "onnxruntime quantize_dynamic int8", "INC onnx static"]
+    assert table.index.tolist() == [
+        "torch fp32 eager",
+        "onnxruntime fp32",
+        "onnxruntime quantize_dynamic int8",
+        "INC onnx static",
+    ]
     assert table.index.name == "kept: INC onnx static"
     assert table.loc["INC onnx static", "agreement"] == report["agreement"]
-    assert table.loc["onnxruntime quantize_dynamic int8", "size_mb"] == report["peers"]["onnxruntime quantize_dynamic int8"]["size_mb"]
+    assert (
+        table.loc["onnxruntime quantize_dynamic int8", "size_mb"]
+        == report["peers"]["onnxruntime quantize_dynamic int8"]["size_mb"]
+    )
 
 
 def test_scores_and_confusion_match_the_test_metrics(banking_runs):

@@ -23,7 +23,12 @@ def resume_args(slice_files) -> list[str]:
 
 def resume_stopped_run(tmp_path) -> list[str]:
     """Command line that resumes the run named 'stopped' from its newest checkpoint."""
-    return [f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}", "--run_name=stopped", "--resume"]
+    return [
+        f"--output_dir={tmp_path / 'outputs'}",
+        f"--logging_dir={tmp_path / 'runs'}",
+        "--run_name=stopped",
+        "--resume",
+    ]
 
 
 def assert_resumed_like_straight(tmp_path, stop: int, straight: dict, resumed: dict) -> None:
@@ -69,8 +74,15 @@ def test_manual_loop_resumes_exactly_after_an_epoch(tiny_bert_dir, banking_slice
 
 def test_manual_loop_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_bert_dir, banking_slice, tmp_path, monkeypatch):
     train, test = banking_slice
-    common = [f"--train_file={train}", f"--test_file={test}", "--epochs=2", "--logging_steps=1",
-              "--eval_steps=7", "--save_total_limit=20", "--gradient_accumulation_steps=2"]
+    common = [
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--epochs=2",
+        "--logging_steps=1",
+        "--eval_steps=7",
+        "--save_total_limit=20",
+        "--gradient_accumulation_steps=2",
+    ]
 
     def inside_second_epoch(straight):
         history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
@@ -90,17 +102,27 @@ class StopAfterFirstEpoch(TrainerCallback):
 def test_trainer_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
     common = resume_args(banking_slice)
     straight = trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "straight"), *common])
-    trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common], callbacks=[StopAfterFirstEpoch()])
+    trainer_classification.main(
+        [*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common], callbacks=[StopAfterFirstEpoch()]
+    )
     resumed = trainer_classification.main(resume_stopped_run(tmp_path))
     assert_resumed_like_straight(tmp_path, straight["trainer"].state.global_step // 2, straight, resumed)
 
 
 def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_dir, tmp_path):
     train, test = banking77_slice(tmp_path, classes=20, train_per_class=100, test_per_class=5)
-    args = [*tiny_run_args(tiny_bert_dir, tmp_path, "interrupted"), f"--train_file={train}", f"--test_file={test}", "--epochs=3"]
+    args = [
+        *tiny_run_args(tiny_bert_dir, tmp_path, "interrupted"),
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--epochs=3",
+    ]
     process = subprocess.Popen(
         [sys.executable, "-u", "manual_classification.py", *args],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     for line in process.stdout:
         if line.startswith("epoch 2:"):  # the second epoch has begun
@@ -117,8 +139,14 @@ def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"checkpoint-{first_epoch['step']}"]
     assert not (run_dir / "test_metrics.json").exists()
 
-    resumed = manual_classification.main([f"--output_dir={tmp_path / 'outputs'}", f"--logging_dir={tmp_path / 'runs'}",
-                                          "--run_name=interrupted", "--resume"])
+    resumed = manual_classification.main(
+        [
+            f"--output_dir={tmp_path / 'outputs'}",
+            f"--logging_dir={tmp_path / 'runs'}",
+            "--run_name=interrupted",
+            "--resume",
+        ]
+    )
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     predictions = pd.read_csv(run_dir / "test_predictions.csv")

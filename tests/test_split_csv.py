@@ -27,7 +27,9 @@ def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):
 
     again = split_csv_script.main([str(source), "--test_size", "0.25", "--output_dir", str(tmp_path / "again")])
     assert pd.read_csv(again[1]).equals(test)
-    other = split_csv_script.main([str(source), "--test_size", "0.25", "--seed", "1", "--output_dir", str(tmp_path / "o")])
+    other = split_csv_script.main(
+        [str(source), "--test_size", "0.25", "--seed", "1", "--output_dir", str(tmp_path / "o")]
+    )
     assert not pd.read_csv(other[1]).equals(test)
 
 

@@ -46,7 +46,9 @@ def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, t
         assert torch.equal(a, b), name  # same seed, same head initialisation
 
     batch = manual_run.collator([manual_run.train_set[i] for i in range(8)])
-    manual_loss = loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    manual_loss = loss_fn(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
     assert trainer_loss.item() == pytest.approx(manual_loss.item(), rel=1e-6, abs=1e-7)
     # pinned (CPU, torch 2.13.0): the untrained model's loss on the first 8 rows; regenerate by printing it
@@ -55,8 +57,14 @@ def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, t
 
 def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
     train, test = banking77_slice(tmp_path, classes=5, train_per_class=100, test_per_class=20)
-    common = [f"--train_file={train}", f"--test_file={test}", "--epochs=8", "--learning_rate=3e-3",
-              "--freeze_layers=1", "--freeze_epochs=1"]
+    common = [
+        f"--train_file={train}",
+        f"--test_file={test}",
+        "--epochs=8",
+        "--learning_rate=3e-3",
+        "--freeze_layers=1",
+        "--freeze_epochs=1",
+    ]
     manual = manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "manual"), *common])
     trainer = trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "trainer"), *common])
 
@@ -68,8 +76,17 @@ def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
 
     for result in (manual, trainer):  # same output layout
         run_dir = result["run_dir"]
-        for name in ("config.json", "metrics.json", "test_metrics.json", "test_predictions.csv", "best_model/model.safetensors"):
+        for name in (
+            "config.json",
+            "metrics.json",
+            "test_metrics.json",
+            "test_predictions.csv",
+            "best_model/model.safetensors",
+        ):
             assert (run_dir / name).is_file(), (run_dir, name)
-    assert abs(manual["test"]["macro_f1"] - trainer["test"]["macro_f1"]) <= F1_TOLERANCE, (manual["test"], trainer["test"])
+    assert abs(manual["test"]["macro_f1"] - trainer["test"]["macro_f1"]) <= F1_TOLERANCE, (
+        manual["test"],
+        trainer["test"],
+    )
     # pinned (CPU, torch 2.13.0) to one test row of 100: chance is 0.2; regenerate by printing them
     assert (manual["test"]["accuracy"], trainer["test"]["accuracy"]) == pytest.approx((0.99, 0.97), abs=0.01 + 1e-9)
