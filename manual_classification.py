@@ -82,6 +82,37 @@ class Progress:
     best: dict | None = None
     history: list[dict] = field(default_factory=list)
 
+    def record_step(self, loss: float, batches_done: int) -> None:
+        """One optimizer step done, after `batches_done` batches of the epoch; `loss` (its mean
+        across processes) counts towards the epoch's mean and the next TensorBoard point."""
+        self.step, self.batches_done = self.step + 1, batches_done
+        self.epoch_loss, self.epoch_steps = self.epoch_loss + loss, self.epoch_steps + 1
+        self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1
+
+    def take_window_loss(self) -> float:
+        """The mean step loss since the last TensorBoard point, starting the next window."""
+        loss = self.window_loss / self.window_steps
+        self.window_loss, self.window_steps = 0.0, 0
+        return loss
+
+    def end_epoch(self) -> None:
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        self.epoch_loss, self.epoch_steps = 0.0, 0
+
+
+@dataclass
+class StepClock:
+    """Seconds spent in training steps only (validation and checkpoint writes excluded), for benchmarks."""
+
+    seconds: float = 0.0
+    since: float | None = None
+
+    def start(self) -> None:
+        self.since = time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds += time.perf_counter() - self.since
+
 
 def validate(
     model: torch.nn.Module, run: PreparedRun, loss_fn: ClassificationLoss, writer: SummaryWriter | None, step: int
@@ -198,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_run_metrics(run, "manual_classification.py", progress.best, progress.history)
         model.train()
 
-    started, step_seconds = time.time(), 0.0  # step_seconds: training steps only, for benchmarks
+    started, clock = time.time(), StepClock()
     try:
         while progress.epoch < config.epochs:
             if stopped_early(progress.history, progress.best, config.early_stopping_patience):
@@ -214,20 +245,21 @@ def main(argv: list[str] | None = None) -> dict:
             bar = progress_bar(
                 loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done, show=processes.is_main
             )
-            epoch_started = time.perf_counter()
+            clock.start()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}
-                accumulating = (i + 1) % config.gradient_accumulation_steps and i + 1 < len(loader)
+                # the optimizer steps after every gradient_accumulation_steps batches, and after the epoch's last
+                ends_step = (i + 1) % config.gradient_accumulation_steps == 0 or i + 1 == len(loader)
                 # gradients are averaged across processes on the step's last micro-batch only
-                with trained.no_sync() if accumulating and trained is not model else nullcontext():
+                with trained.no_sync() if not ends_step and trained is not model else nullcontext():
                     with autocast(device):
                         logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss = loss_fn(logits, batch["labels"])
                     scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item()
                 micro_batches += 1
-                if accumulating:
-                    continue  # keep accumulating gradients
+                if not ends_step:
+                    continue
                 if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -236,29 +268,23 @@ def main(argv: list[str] | None = None) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-                progress.step += 1
-                progress.batches_done = i + 1
                 mean_loss, step_loss, micro_batches = mean_across(processes, step_loss / micro_batches), 0.0, 0
-                progress.epoch_loss += mean_loss
-                progress.epoch_steps += 1
-                progress.window_loss += mean_loss
-                progress.window_steps += 1
+                progress.record_step(mean_loss, batches_done=i + 1)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", **gpu_utilization(device), refresh=False)
                 if progress.step % config.logging_steps == 0:
+                    window_loss = progress.take_window_loss()
                     if writer is not None:
-                        writer.add_scalar("train/loss", progress.window_loss / progress.window_steps, progress.step)
+                        writer.add_scalar("train/loss", window_loss, progress.step)
                         writer.add_scalar("train/learning_rate", lr, progress.step)
-                    progress.window_loss, progress.window_steps = 0.0, 0
                 if config.eval_steps and progress.step % config.eval_steps == 0 and i + 1 < len(loader):
-                    step_seconds += time.perf_counter() - epoch_started
+                    clock.stop()
                     validate_and_checkpoint()
                     save_state()
-                    epoch_started = time.perf_counter()
-            step_seconds += time.perf_counter() - epoch_started
+                    clock.start()
+            clock.stop()
             validate_and_checkpoint()
-            progress.epoch, progress.batches_done = epoch + 1, 0
-            progress.epoch_loss, progress.epoch_steps = 0.0, 0
+            progress.end_epoch()
             save_state()
     except KeyboardInterrupt:
         if processes.is_main:
@@ -288,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best": best,
         "test": test_metrics,
         "train_seconds": train_seconds,
-        "step_seconds": step_seconds,
+        "step_seconds": clock.seconds,
         "trainable_by_epoch": trainable_by_epoch,
     }
 
