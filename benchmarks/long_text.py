@@ -108,7 +108,7 @@ def main() -> None:
 
     columns = list(next(iter(rows.values())))
     print(f"\n{cpu_description()}\n")
-    print("| strategy | " + " | ".join(columns) + " |\n|---" * (len(columns) + 1) + "|")
+    print("| strategy | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
     for name, row in rows.items():
         print(
             f"| {name} | " + " | ".join(f"{row[c]:.4f}" if "accuracy" in c else f"{row[c]:.1f}" for c in columns) + " |"

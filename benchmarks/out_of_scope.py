@@ -103,7 +103,7 @@ def main() -> None:
 
     print(f"\n{cpu_description()}\n")
     columns = [c for c in rows[0] if c != "score"]
-    print("| score | " + " | ".join(columns) + " |\n|---" * (len(columns) + 1) + "|")
+    print("| score | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
     for row in rows:
         print(f"| {row['score']} | " + " | ".join(f"{row[c]:.4f}" if c in row else "" for c in columns) + " |")
     print()

@@ -108,6 +108,7 @@ def test_binary_imdb_loads_in_a_pipeline_with_both_labels(tiny_bert_dir, tmp_pat
         f"--test_file={tmp_path / 'test.csv'}",
         "--epochs=1",
         "--freeze_epochs=0",
+        "--long_text=truncate",  # as pipeline() reads a long review: its start
     ]
     manual_classification.main(args)
     run_dir = tmp_path / "outputs" / "run"
