@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 import intel_compressor
 from configs import resolve_embedded
-from intel_compressor_test import EdgeClassifier, cpu_description, load_classifier, onnx_forward, pad
+from intel_compressor_test import EdgeClassifier, HelpFormatter, cpu_description, load_classifier, onnx_forward, pad
 from utility_functions import compute_metrics, load_data
 
 PEER = "onnxruntime quantize_dynamic int8"
@@ -47,23 +47,15 @@ KEPT = "INC onnx static"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory of a training run.")
-    parser.add_argument("--test_file", default="", help="Test data (default: the run's test_file).")
-    parser.add_argument(
-        "--test_rows", type=int, default=0, help="Stratified sample of the test split; 0 = all (default 0)."
-    )
-    parser.add_argument(
-        "--calibration_size", type=int, default=1000, help="Calibration texts for INC static (default 1000)."
-    )
-    parser.add_argument(
-        "--timing_texts", type=int, default=1000, help="Texts per batch-32 throughput round (default 1000)."
-    )
-    parser.add_argument(
-        "--latency_texts", type=int, default=100, help="Texts timed one by one at batch 1, per round (default 100)."
-    )
-    parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the throughput figure (default 32).")
-    parser.add_argument("--num_threads", type=int, default=2, help="CPU threads for every variant (default 2).")
+    parser.add_argument("--test_file", default="", help="Test data; empty: the run's test_file.")
+    parser.add_argument("--test_rows", type=int, default=0, help="Stratified sample of the test split; 0 = all.")
+    parser.add_argument("--calibration_size", type=int, default=1000, help="Calibration texts for INC static.")
+    parser.add_argument("--timing_texts", type=int, default=1000, help="Texts per batch-32 throughput round.")
+    parser.add_argument("--latency_texts", type=int, default=100, help="Texts timed one by one at batch 1, per round.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Batch size of the throughput figure.")
+    parser.add_argument("--num_threads", type=int, default=2, help="CPU threads for every variant.")
     parser.add_argument("--json", default="", help="Also write the figures to this JSON file.")
     return parser
 
