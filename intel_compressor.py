@@ -59,10 +59,20 @@ import torch
 from torch import nn
 
 from configs import Config
+from data_functions import (
+    LabeledData,
+    held_out_count,
+    load_data,
+    replace_directory,
+    stratify_keys,
+    take_per_group,
+    write_json,
+)
 from intel_compressor_test import (
     EDGE_CONFIG,
     FORMATS,
     MODEL_FILES,
+    DataError,
     EdgeClassifier,
     HelpFormatter,
     cpu_description,
@@ -73,19 +83,7 @@ from intel_compressor_test import (
     required_cpu_flags,
     run_cli,
 )
-from utility_functions import (
-    DataError,
-    LabeledData,
-    compute_metrics,
-    encoder_parts,
-    held_out_count,
-    load_data,
-    replace_directory,
-    resolve_config,
-    stratify_keys,
-    take_per_group,
-    write_json,
-)
+from utility_functions import compute_metrics, encoder_parts, resolve_config
 
 MODES = ("static", "dynamic", "weight-only")
 # Architectures whose export, int8 quantization and edge run are checked by the tests (BERT covers

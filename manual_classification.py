@@ -28,10 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from configs import checkpoint_to_resume, parse_config
+from data_functions import write_json
 from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
-    DataError,
     PreparedRun,
     apply_freeze_schedule,
     autocast,
@@ -40,30 +40,24 @@ from utility_functions import (
     build_model,
     build_optimizer,
     build_scheduler,
-    calibrate_best_model,
     describe_data,
     describe_processes,
     evaluate,
+    finish_run,
     format_metrics,
-    from_every_process,
     gpu_utilization,
     is_improvement,
-    leave_processes,
-    load_training_state,
     mean_across,
     prepare_run,
     probabilities,
     progress_bar,
-    restore_rng_state,
-    rng_state,
+    restore_training_state,
     save_model_directory,
     save_training_state,
     stopped_early,
-    test_best_model,
     top_k_summary,
     train_loader,
     trainable_parameter_names,
-    write_json,
     write_run_metrics,
 )
 
@@ -169,19 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress = Progress()
     if config.resume:
         checkpoint = checkpoint_to_resume(config)
-        state = load_training_state(checkpoint)
-        if state["world_size"] != processes.world_size:
-            raise DataError(
-                f"--resume {checkpoint}: saved by {state['world_size']} "
-                f"process(es), resumed by {processes.world_size}; "
-                "resume with the same number (the batches of an epoch are shared out by it)"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"][processes.rank])
-        progress = Progress(**state["progress"])
+        progress = Progress(**restore_training_state(checkpoint, run, model, optimizer, scheduler, scaler))
         say(
             f"resuming from {checkpoint}: epoch {progress.epoch + 1}, "
             f"batch {progress.batches_done}, step {progress.step}"
@@ -196,17 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainable_by_epoch: list[list[str]] = []
 
     def save_state() -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": from_every_process(processes, rng_state()),  # each process draws its own dropout masks
-            "progress": dataclasses.asdict(progress),
-            "world_size": processes.world_size,
-        }
-        if processes.is_main:  # the processes hold the same weights and optimizer state
-            save_training_state(run.run_dir, progress.step, state, config.save_total_limit)
+        save_training_state(run, dataclasses.asdict(progress), model, optimizer, scheduler, scaler)
 
     def validate_and_checkpoint() -> None:
         metrics = validate(model, run, loss_fn, writer, progress.step)
@@ -298,25 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
             writer.close()
 
     train_seconds = time.time() - started
-    best = progress.best
-    say(
-        f"training took {train_seconds:.1f}s; best {metric} "
-        f"{best[metric]:.4f} at epoch {best['epoch']} step {best['step']}"
-    )
-    write_run_metrics(run, "manual_classification.py", best, progress.history, calibrate_best_model(run, best_dir))
-    test_metrics = test_best_model(run, best_dir, loss_fn)
-    if test_metrics is not None:
-        say(f"test: {format_metrics(test_metrics)}")
-    say(f"outputs in {run.run_dir}")
-    leave_processes(processes)
-    return {
-        "run_dir": run.run_dir,
-        "best": best,
-        "test": test_metrics,
-        "train_seconds": train_seconds,
-        "step_seconds": clock.seconds,
-        "trainable_by_epoch": trainable_by_epoch,
-    }
+    result = finish_run(run, "manual_classification.py", progress.best, progress.history, loss_fn, train_seconds)
+    return {**result, "step_seconds": clock.seconds, "trainable_by_epoch": trainable_by_epoch}
 
 
 if __name__ == "__main__":

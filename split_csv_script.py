@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from configs import Config
-from intel_compressor_test import HelpFormatter, run_cli
-from utility_functions import (
-    DataError,
+from data_functions import (
     LabelSpace,
     detect_label_space,
     encode_targets,
@@ -34,6 +32,7 @@ from utility_functions import (
     take_per_group,
     write_csv,
 )
+from intel_compressor_test import DataError, HelpFormatter, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

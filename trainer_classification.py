@@ -22,31 +22,26 @@ from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, Trainer
 from transformers.integrations import TensorBoardCallback
 
 from configs import Config, checkpoint_to_resume, parse_config
+from data_functions import LabelSpace, write_json
 from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
     EncodedDataset,
-    LabelSpace,
     PreparedRun,
     apply_freeze_schedule,
     autocast_dtype,
     build_loss,
     build_model,
-    calibrate_best_model,
     compute_metrics,
     describe_data,
     describe_processes,
-    format_metrics,
-    leave_processes,
+    finish_run,
     prepare_run,
     probabilities,
     save_model_directory,
-    test_best_model,
     train_collator,
     trainable_parameter_names,
     tune_threshold,
-    write_json,
-    write_run_metrics,
 )
 
 TRAINER_BOOKKEEPING = ("runtime", "samples_per_second", "steps_per_second", "epoch")
@@ -204,32 +199,13 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
     best = next(h for h in history if h["step"] == trainer.state.best_global_step)
     if run.space.task == "multilabel":
         trainer.model.config.multilabel_threshold = best["threshold"]
-    metric = config.metric_for_best_model
-    best_dir = run.run_dir / "best_model"
     if processes.is_main:
         extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
-        save_model_directory(trainer.model, run.tokenizer, best_dir, extra)
-    say(
-        f"training took {train_seconds:.1f}s; best {metric} "
-        f"{best[metric]:.4f} at epoch {best['epoch']} step {best['step']}"
-    )
-    write_run_metrics(run, "trainer_classification.py", best, history, calibrate_best_model(run, best_dir))
-
+        save_model_directory(trainer.model, run.tokenizer, run.run_dir / "best_model", extra)
     loss_fn = build_loss(run.space, run.train_data.targets, config)
-    test_metrics = test_best_model(run, best_dir, loss_fn)
-    if test_metrics is not None:
-        say(f"test: {format_metrics(test_metrics)}")
-    say(f"outputs in {run.run_dir}")
-    leave_processes(processes)
+    result = finish_run(run, "trainer_classification.py", best, history, loss_fn, train_seconds)
     freeze = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback))
-    return {
-        "run_dir": run.run_dir,
-        "best": best,
-        "test": test_metrics,
-        "train_seconds": train_seconds,
-        "trainable_by_epoch": freeze.trainable_by_epoch,
-        "trainer": trainer,
-    }
+    return {**result, "trainable_by_epoch": freeze.trainable_by_epoch, "trainer": trainer}
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import manual_classification
+from data_functions import take_per_group
 from intel_compressor_test import aggregate_windows, cpu_description, load_classifier
-from utility_functions import take_per_group
 
 SHARED = REPO.parent / "shared" / "data" / "imdb"
 STRATEGIES = {

@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO))
 
 import intel_compressor
 from configs import resolve_embedded
+from data_functions import load_data
 from intel_compressor_test import EdgeClassifier, HelpFormatter, cpu_description, load_classifier, onnx_forward, pad
-from utility_functions import compute_metrics, load_data
+from utility_functions import compute_metrics
 
 PEER = "onnxruntime quantize_dynamic int8"
 KEPT = "INC onnx static"

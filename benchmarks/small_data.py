@@ -38,12 +38,12 @@ import manual_classification
 import split_csv_script
 import trainer_classification
 from configs import parse_config, resolve_embedded
+from data_functions import load_data
 from intel_compressor_test import cpu_description
 from utility_functions import (
     PaddingCollator,
     compute_metrics,
     encode,
-    load_data,
     load_tokenizer,
     long_text_of,
     predict_logits,

@@ -29,10 +29,10 @@ from tqdm import TqdmWarning
 warnings.filterwarnings("ignore", category=TqdmWarning)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the repository's modules: configs, utility_functions, intel_compressor_test
+sys.path.insert(0, str(REPO))  # the repository's modules: configs, data_functions, intel_compressor_test
 
+from data_functions import LabeledData, LabelSpace, hard_label_sets
 from intel_compressor_test import window_starts
-from utility_functions import LabeledData, LabelSpace, hard_label_sets
 
 
 def from_repo(path: str | Path) -> Path:

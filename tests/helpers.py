@@ -1,9 +1,11 @@
 """Helpers shared by the tests (fixtures live in conftest.py): where the repository and the real
-data are, slices of real data, the options of a fast tiny-model run, TensorBoard losses, and an
-interruption of the manual loop as Ctrl-C would cause it."""
+data are, slices of real data, the options of a fast tiny-model run, a script run as a user runs it,
+TensorBoard losses, and an interruption of the manual loop as Ctrl-C would cause it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +64,12 @@ def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> lis
 LOSS_TOLERANCE = 1e-6
 
 
+def run_python(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGS` in a fresh process in the repository, as a user runs a script (or `-c` code),
+    with stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, check=check, timeout=600)
+
+
 def step_losses(log_dir) -> dict[int, float]:
     events = EventAccumulator(str(log_dir)).Reload()
     return {e.step: e.value for e in events.Scalars("train/loss")}
@@ -71,9 +79,9 @@ def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
     """Make the manual loop stop as Ctrl-C would, right after it has written checkpoint `step`."""
     real_save = manual_classification.save_training_state
 
-    def save_then_interrupt(run_dir, saved_step, state, keep):
-        path = real_save(run_dir, saved_step, state, keep)
-        if saved_step == step:
+    def save_then_interrupt(run, progress, *parts):
+        path = real_save(run, progress, *parts)
+        if path is not None and progress["step"] == step:  # under torchrun: the process that wrote it
             raise KeyboardInterrupt
         return path
 

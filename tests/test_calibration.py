@@ -15,8 +15,9 @@ from transformers import AutoModelForSequenceClassification
 
 import intel_compressor_test
 from configs import Config
+from data_functions import load_data
 from intel_compressor_test import ood_scores
-from utility_functions import expected_calibration_error, fit_temperature, fold_temperature, load_data
+from utility_functions import expected_calibration_error, fit_temperature, fold_temperature
 
 
 def test_the_temperature_fit_recovers_a_known_temperature():

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from configs import Config, build_parser, parse_config, resolve_embedded
-from intel_compressor_test import run_cli
-from utility_functions import DataError, load_tokenizer, resolve_config
+from intel_compressor_test import DataError, run_cli
+from utility_functions import load_tokenizer, resolve_config
 
 HF_NAMES = [
     "model_name_or_path",

@@ -8,17 +8,10 @@ import pandas as pd
 import pytest
 
 from configs import Config
+from data_functions import load_split, reduce, sort_labels, split_off, stratify_keys
+from intel_compressor_test import DataError
 from tests.helpers import shared_file
-from utility_functions import (
-    DataError,
-    PaddingCollator,
-    TrainBatchSampler,
-    load_split,
-    reduce,
-    sort_labels,
-    split_off,
-    stratify_keys,
-)
+from utility_functions import PaddingCollator, TrainBatchSampler
 
 CONFIG = Config()
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 import manual_classification
 from intel_compressor_test import run_cli
 from tests.helpers import LOSS_TOLERANCE, REPO, banking77_slice, step_losses, tiny_run_args
-from utility_functions import TrainBatchSampler, load_training_state
+from utility_functions import TrainBatchSampler, read_training_state
 
 
 def torchrun(script: str, args: list[str], digest_prefix, **env: str) -> subprocess.CompletedProcess:
@@ -115,7 +115,7 @@ def test_two_processes_of_batch_4_step_like_one_process_of_batch_8_on_the_same_r
         [two_losses[s] for s in first_steps], [one_losses[s] for s in first_steps], **EQUIVALENCE_TOLERANCE
     )
     after_two, after_one = (
-        load_training_state(tmp_path / "outputs" / name / "checkpoints" / "checkpoint-5")["model"]
+        read_training_state(tmp_path / "outputs" / name / "checkpoints" / "checkpoint-5")["model"]
         for name in ("two", "one")
     )
     assert after_two.keys() == after_one.keys()

@@ -2,8 +2,6 @@
 output: the checkpoint loads with plain transformers, predictions are complete, logs exist."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,9 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 import manual_classification
 import split_csv_script
-from tests.helpers import REPO, shared_file, tiny_run_args
-from utility_functions import DataError, save_model_directory
+from intel_compressor_test import DataError
+from tests.helpers import run_python, shared_file, tiny_run_args
+from utility_functions import save_model_directory
 
 
 def read_outputs(run_dir: Path) -> dict:
@@ -127,13 +126,7 @@ def test_binary_imdb_loads_in_a_pipeline_with_both_labels(tiny_bert_dir, tmp_pat
 
 def test_bad_input_ends_with_one_line_and_writes_nothing(tmp_path):
     missing = tmp_path / "nope.csv"
-    result = subprocess.run(
-        [sys.executable, "manual_classification.py", f"--train_file={missing}", f"--output_dir={tmp_path / 'out'}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_python("manual_classification.py", f"--train_file={missing}", f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {missing}: file not found"
     assert not (tmp_path / "out").exists()

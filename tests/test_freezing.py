@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from configs import Config
-from utility_functions import DataError, apply_freeze_schedule, describe_trainable, trainable_parameter_names
+from intel_compressor_test import DataError
+from utility_functions import apply_freeze_schedule, describe_trainable, trainable_parameter_names
 
 
 def parameters_with_gradients(model: torch.nn.Module) -> set[str]:

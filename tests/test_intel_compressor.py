@@ -8,7 +8,6 @@ import json
 import platform
 import re
 import shutil
-import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -31,9 +30,10 @@ from transformers import (
 import intel_compressor
 import intel_compressor_test
 from configs import Config
+from data_functions import load_split
 from intel_compressor_test import run_cli
-from tests.helpers import FAST_TIMING, REPO, banking77_slice, shared_file
-from utility_functions import PaddingCollator, encode, load_split, load_tokenizer, predict_logits
+from tests.helpers import FAST_TIMING, banking77_slice, run_python, shared_file
+from utility_functions import PaddingCollator, encode, load_tokenizer, predict_logits
 
 REPORT_FIELDS = {
     "format", "mode", "fp32_layers", "inc_version", "onnxruntime_version", "torch_version", "source", "metric",
@@ -110,7 +110,7 @@ def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(ba
         "heavy = {'torch', 'transformers', 'pandas', 'onnx', 'neural_compressor', 'onnx_neural_compressor'}\n"
         "print(json.dumps({'probs': probs.tolist(), 'heavy': sorted(heavy & set(sys.modules))}))"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    result = run_python("-c", script, check=True)
     out = json.loads(result.stdout)
     assert out["heavy"] == []  # onnxruntime, tokenizers and numpy only
     int8_probs = np.array(out["probs"])
@@ -140,13 +140,7 @@ def test_fp32_directory_matches_the_training_code(banking_runs):
 
 def test_command_line_prints_label_probability_and_ood_score_per_text(banking_runs):
     texts = ["I still have not received my new card", "How do I activate my card?"]
-    result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = run_python("intel_compressor_test.py", f"--model={banking_runs['int8']}", *texts, check=True)
     lines = result.stdout.strip().splitlines()
     labels = json.loads((banking_runs["int8"] / "edge_config.json").read_text())["labels"]
     assert [line.split("\t")[2] for line in lines] == texts
@@ -460,13 +454,7 @@ def test_compressor_rejects_bad_model_directories(banking_runs, tmp_path, capsys
 def test_edge_script_rejects_an_empty_csv_in_one_line(banking_runs, tmp_path, content):
     source = tmp_path / "empty.csv"
     source.write_text(content)
-    result = subprocess.run(
-        [sys.executable, "intel_compressor_test.py", f"--model={banking_runs['int8']}", f"--input={source}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_python("intel_compressor_test.py", f"--model={banking_runs['int8']}", f"--input={source}")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and str(source) in lines[-1]

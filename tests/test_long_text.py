@@ -5,8 +5,6 @@ goes through the edge in flat memory."""
 
 import itertools
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,9 +13,10 @@ import pytest
 import intel_compressor
 import manual_classification
 import trainer_classification
+from data_functions import LabeledData
 from intel_compressor_test import LongText, aggregate_windows, load_classifier, model_inputs, window_starts
-from tests.helpers import FAST_TIMING, REPO, shared_file, tiny_run_args
-from utility_functions import LabeledData, encode, load_tokenizer
+from tests.helpers import FAST_TIMING, run_python, shared_file, tiny_run_args
+from utility_functions import encode, load_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -159,9 +158,7 @@ def peak_memory_of_the_edge_cli(model, source, tmp_path) -> int:
         "--chunk_rows=2",
         "--batch_size=16",
     ]
-    result = subprocess.run(
-        [sys.executable, "-c", f"{report}; {run}", *args], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    result = run_python("-c", f"{report}; {run}", *args, check=True)
     return int(result.stdout.split("VmHWM:")[-1].split()[0])
 
 

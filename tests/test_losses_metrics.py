@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from configs import Config
-from utility_functions import LabelSpace, build_loss, compute_metrics, predictions_frame, tune_threshold
+from data_functions import LabelSpace
+from utility_functions import build_loss, compute_metrics, predictions_frame, tune_threshold
 
 
 def sigmoid(x: float) -> float:

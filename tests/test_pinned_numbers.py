@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from configs import Config
+from data_functions import load_data
 from tests.helpers import step_losses
-from utility_functions import load_data
 
 LOSS_TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
 
