@@ -5,8 +5,13 @@
 A seeded 25% of the 77 intents (19) is removed from training and validation; manual_classification.py
 trains on the rest with its defaults (which fit the temperature and the out-of-scope threshold on its
 validation split). On the test split, the held-out intents' texts are the out-of-scope set and the
-others the in-scope set. Reported for the energy score (what the scripts write as ood_score) and the
-maximum softmax probability baseline (MSP, Hendrycks & Gimpel 2017, on the logits before temperature):
+others the in-scope set. Reported for the energy score (what the scripts write as ood_score), the
+maximum softmax probability baseline (MSP, Hendrycks & Gimpel 2017, on the logits before temperature),
+and three scores on what the classification layer reads (the pooled features): the Mahalanobis
+distance to the nearest class (Lee et al. 2018; class means and one shared covariance from the run's
+training rows), the relative Mahalanobis distance (Ren et al. 2021: minus the distance to one
+Gaussian of all training rows, meant for near out-of-scope texts), and that plus MSP, each standardised
+on the run's validation texts (in scope) and added with equal weights. Then
 AUROC (out-of-scope as positive), FPR at 95% in-scope recall (share of out-of-scope texts kept when
 95% of in-scope test texts are kept), and what the stored threshold does on test; then in-scope
 accuracy and ECE (15 bins) before and after the temperature, on the in-scope test texts.
@@ -22,14 +27,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import roc_auc_score
+from transformers import AutoModelForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import manual_classification
+from configs import Config
+from data_functions import LabeledData, load_data
 from intel_compressor_test import cpu_description, load_classifier, ood_scores, softmax
-from utility_functions import expected_calibration_error
+from utility_functions import (
+    PaddingCollator,
+    classifier_features,
+    encode,
+    expected_calibration_error,
+    load_tokenizer,
+    long_text_of,
+)
 
 SHARED = REPO.parent / "shared" / "data" / "banking77"
 
@@ -52,6 +68,48 @@ def detection(
         row["stored threshold: in-scope kept"] = float(np.mean(in_scores <= threshold))
         row["stored threshold: out-of-scope flagged"] = float(np.mean(out_scores > threshold))
     return row
+
+
+def precision_matrix(centred: np.ndarray) -> np.ndarray:
+    return np.linalg.pinv(centred.T @ centred / len(centred))
+
+
+def squared_distances(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """(rows, len(means)): the squared Mahalanobis distance of every row to every mean."""
+    return np.stack([np.einsum("ij,jk,ik->i", features - m, precision, features - m) for m in means], axis=1)
+
+
+def mahalanobis_scores(best: Path, texts: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+    """The Mahalanobis and relative Mahalanobis scores of each list of texts (higher: more
+    unusual), from the features the best model's classification layer reads; the Gaussians are
+    fitted on the run's training rows, as the run split them."""
+    config = Config(**json.loads((best / "training_config.json").read_text()))
+    _, train, _, _ = load_data(config)
+    tokenizer = load_tokenizer(str(best))
+    model = AutoModelForSequenceClassification.from_pretrained(best, local_files_only=True)
+    collator, long_text = PaddingCollator(tokenizer.pad_token_id), long_text_of(config)
+
+    def features(data: LabeledData) -> np.ndarray:
+        dataset = encode(tokenizer, data, long_text)  # a text's windows, if any, averaged
+        return dataset.combine(classifier_features(model, dataset, collator, 64, torch.device("cpu")).double().numpy())
+
+    x = features(train)
+    classes = np.unique(train.targets)
+    means = np.stack([x[train.targets == c].mean(axis=0) for c in classes])
+    within = precision_matrix(x - means[np.searchsorted(classes, train.targets)])
+    overall = x.mean(axis=0, keepdims=True)
+    background = precision_matrix(x - overall)
+    scores = {}
+    for name, split in texts.items():
+        f = features(LabeledData(name, split, np.zeros(len(split), dtype=np.int64)))
+        to_classes = squared_distances(f, means, within)
+        relative = to_classes - squared_distances(f, overall, background)
+        scores[name] = {"mahalanobis": to_classes.min(axis=1), "relative": relative.min(axis=1)}
+    return scores
+
+
+def standardised_on(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    return (scores - reference.mean()) / reference.std()
 
 
 def main() -> None:
@@ -84,9 +142,17 @@ def main() -> None:
     raw = logits * model.temperature
     energy = ood_scores(logits, multilabel=False, temperature=model.temperature)
     msp = -softmax(raw).max(axis=1)
+    valid_texts = load_data(Config(**json.loads((best / "training_config.json").read_text())))[2].texts
+    features = mahalanobis_scores(best, {"test": test["text"].tolist(), "validation": valid_texts})
+    valid_msp = -softmax(model.text_logits(valid_texts) * model.temperature).max(axis=1)
+    mahalanobis, relative = features["test"]["mahalanobis"], features["test"]["relative"]
+    combined = standardised_on(features["validation"]["relative"], relative) + standardised_on(valid_msp, msp)
     rows = [
         detection("energy (ood_score)", energy[~out], energy[out], model.ood_threshold),
         detection("MSP", msp[~out], msp[out], None),
+        detection("Mahalanobis", mahalanobis[~out], mahalanobis[out], None),
+        detection("relative Mahalanobis", relative[~out], relative[out], None),
+        detection("relative Mahalanobis + MSP", combined[~out], combined[out], None),
     ]
 
     targets = np.array([model.labels.index(label) for label in test.loc[~out, "label"]])
