@@ -79,12 +79,12 @@ def squared_distances(features: np.ndarray, means: np.ndarray, precision: np.nda
     return np.stack([np.einsum("ij,jk,ik->i", features - m, precision, features - m) for m in means], axis=1)
 
 
-def mahalanobis_scores(best: Path, texts: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+def mahalanobis_scores(
+    best: Path, config: Config, train: LabeledData, texts: dict[str, list[str]]
+) -> dict[str, dict[str, np.ndarray]]:
     """The Mahalanobis and relative Mahalanobis scores of each list of texts (higher: more
     unusual), from the features the best model's classification layer reads; the Gaussians are
-    fitted on the run's training rows, as the run split them."""
-    config = Config(**json.loads((best / "training_config.json").read_text()))
-    _, train, _, _ = load_data(config)
+    fitted on the run's training rows `train`."""
     tokenizer = load_tokenizer(str(best))
     model = AutoModelForSequenceClassification.from_pretrained(best, local_files_only=True)
     collator, long_text = PaddingCollator(tokenizer.pad_token_id), long_text_of(config)
@@ -142,8 +142,10 @@ def main() -> None:
     raw = logits * model.temperature
     energy = ood_scores(logits, multilabel=False, temperature=model.temperature)
     msp = -softmax(raw).max(axis=1)
-    valid_texts = load_data(Config(**json.loads((best / "training_config.json").read_text())))[2].texts
-    features = mahalanobis_scores(best, {"test": test["text"].tolist(), "validation": valid_texts})
+    config = Config(**json.loads((best / "training_config.json").read_text()))
+    _, train_rows, valid, _ = load_data(config)  # the rows the run trained and validated on
+    valid_texts = valid.texts
+    features = mahalanobis_scores(best, config, train_rows, {"test": test["text"].tolist(), "validation": valid_texts})
     valid_msp = -softmax(model.text_logits(valid_texts) * model.temperature).max(axis=1)
     mahalanobis, relative = features["test"]["mahalanobis"], features["test"]["relative"]
     combined = standardised_on(features["validation"]["relative"], relative) + standardised_on(valid_msp, msp)
