@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import sys
+from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
 
@@ -65,14 +66,18 @@ def test_report_has_fp32_onnxruntime_and_inc_side_by_side(banking_runs):
         assert figures["latency_batch1_p95_ms"] >= figures["latency_batch1_p50_ms"] > 0
     assert report["fp32"]["agreement"] == 1 and report["peers"]["onnxruntime fp32"]["agreement"] == 1  # same function
     assert report["validation_rows"] == 20 and report["calibration_texts"] == 180  # valid_size 0.1 of 200 rows
-    # the tiny BERT's two layers fused (attention, residual + LayerNorm twice each, bias + GELU) and run in int8
+    # the tiny BERT's embeddings and two layers fused (attention, residual + LayerNorm twice each, bias +
+    # GELU) and run in int8; the token types' builder pruned, so 1 Gather (the pooler's first token) is left
     assert report["graph_fusions"] == {
         "Attention": 2,
         "BiasGelu": 2,
-        "LayerNormalization": 1,
+        "EmbedLayerNormalization": 1,
         "SkipLayerNormalization": 4,
     }
     assert report["int8_ops"]["QAttention"] == 2 and report["int8_ops"]["QGemm"] == 2  # pooler and classifier too
+    assert report["int8_ops"]["QEmbedLayerNormalization"] == 1
+    graph = Counter(node.op_type for node in onnx.load(str(banking_runs["int8"] / "model.onnx")).graph.node)
+    assert (graph["Gather"], graph["Expand"], graph["Where"]) == (1, 0, 0)
     # the 30522 x 64 embedding table is 7.5 MiB of the 8.4 MiB fp32 directory and 1.9 MiB in int8; both
     # directories hold the same 0.7 MiB tokenizer.json (MiniLM's int8 directory is 26% of fp32)
     assert report["size_bytes"]["int8"] < 0.45 * report["size_bytes"]["fp32"]
