@@ -8,8 +8,9 @@ The default output is one ONNX file (model.onnx) that ONNX Runtime runs on any C
 x86 with or without AVX-512/VNNI and ARM alike, choosing its int8 kernels for the CPU at load
 time; the edge needs onnxruntime, tokenizers and numpy, not torch. How it is built:
   1. export (input_ids, attention_mask) -> logits with dynamic batch and sequence length;
-  2. fuse with ONNX Runtime's transformer optimizer: each layer's attention becomes one Attention
-     op, residual + LayerNorm a SkipLayerNormalization, bias + GELU a BiasGelu (report: fusions);
+  2. fuse with ONNX Runtime's transformer optimizer: the embeddings become one
+     EmbedLayerNormalization, each layer's attention one Attention op, residual + LayerNorm a
+     SkipLayerNormalization, bias + GELU a BiasGelu (report: fusions);
   3. quantize with INC's ONNX Runtime backend (onnx-neural-compressor), mode by mode:
   static       int8 weights and activations (QOperator ops: QAttention, QLinearMatMul, ...), activation
                ranges calibrated on --calibration_size training texts (stratified by label).
