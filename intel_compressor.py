@@ -254,7 +254,7 @@ def fuse_transformer_ops(source: Path, target: Path, model_config: dict[str, Any
     """ONNX Runtime's transformer optimizer on the exported graph; the fused-op counts. The embedding
     lookups, their sum and LayerNorm become one EmbedLayerNormalization, its token types read from the
     mask (fold_token_types): at batch 1, with 16 tokens, the 20 small ops that built the token types and
-    the sum cost about 5% of the int8 model's time."""
+    the sum took 5-16% of the int8 model's time in the runs here (98 ops before, 77 after)."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
@@ -361,7 +361,7 @@ def quantize_onnx(
             quantize(
                 str(Path(scratch) / "rtn.onnx"),
                 str(output),
-                inc.DynamicQuantConfig(op_types_to_quantize=["EmbedLayerNormalization"]),  # the embedding tables
+                inc.DynamicQuantConfig(op_types_to_quantize=["EmbedLayerNormalization", "Gather"]),  # the tables
                 keep_graph,
             )
         elif mode == "static":

@@ -370,6 +370,9 @@ def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minil
     exports = intel_compressor.export_graphs(directory, fp32, model_config, tmp_path)
     intel_compressor.quantize_onnx(exports.fused, "static", batches, [], tmp_path / "model.onnx")
     intel_compressor.build_program(directory, "static", batches, LONG, [], tmp_path / "model.so")
+    input_ids, mask = intel_compressor_test.pad(rows[:16], fp32.pad_token_id)
+    fused = intel_compressor_test.onnx_forward(exports.fused)(input_ids, mask)  # the graph work changes nothing
+    np.testing.assert_allclose(fused, fp32.forward(input_ids, mask), atol=1e-4)
     runners = {
         "onnx": intel_compressor_test.onnx_forward(tmp_path / "model.onnx"),
         "aoti": intel_compressor_test.CompiledProgram(tmp_path / "model.so"),
@@ -384,6 +387,31 @@ def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minil
                 name
             )  # int8 noise, not a different function
     assert input_ids.shape[1] > intel_compressor.MATH_ATTENTION_MAX_TOKENS
+
+
+def test_fused_embeddings_compute_the_models_logits(tiny_bert_dir, tmp_path):
+    """The fused fp32 graph of a BERT reads its (random, nonzero) type-0 token-type row through the
+    mask-fed two-row table and no longer builds the token types from the input's shape; its logits on
+    a padded batch of real texts are the model's."""
+    torch.manual_seed(0)
+    directory = tmp_path / "classifier"
+    config = AutoConfig.from_pretrained(tiny_bert_dir, num_labels=5)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(directory)
+    fp32 = intel_compressor_test.load_classifier(directory)
+    model_config = intel_compressor.check_model_directory(directory)
+    exports = intel_compressor.export_graphs(directory, fp32, model_config, tmp_path)
+    assert exports.fusions["EmbedLayerNormalization"] == 1
+    graph = onnx.load(str(exports.fused))
+    embed = next(node for node in graph.graph.node if node.op_type == "EmbedLayerNormalization")
+    types = onnx.numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == embed.input[4]))
+    assert types.shape == (2, 64) and np.array_equal(types[0], types[1]) and np.abs(types[0]).max() > 0
+    assert embed.input[1] == embed.input[7]  # token types read from the int32 mask
+    assert not {"Expand", "Where", "ConstantOfShape"} & {node.op_type for node in graph.graph.node}
+    input_ids, mask = intel_compressor_test.pad(fp32.token_ids(short_and_long_texts(8)), fp32.pad_token_id)
+    assert (mask == 0).any()
+    logits = intel_compressor_test.onnx_forward(exports.fused)(input_ids, mask)
+    np.testing.assert_allclose(logits, fp32.forward(input_ids, mask), atol=1e-4)
 
 
 @pytest.mark.parametrize("length", [24, intel_compressor.MATH_ATTENTION_MAX_TOKENS + 40])
