@@ -66,7 +66,7 @@ class Config:
     max_length: int = _arg(128, "Tokens the model reads at once; longer texts are cut as --long_text says.")
     long_text: str = _arg(
         "head_tail",
-        "Texts longer than max_length: head_tail (keep the start and the end, Sun et al. 2019; on IMDB 1.6 "
+        "Texts longer than max_length: head_tail (keep the start and the end, Sun et al. 2019; on IMDB 1.4-1.6 "
         "points over truncate at the same cost); truncate (keep the start); windows (overlapping windows of "
         "max_length tokens, every one trained on with the text's label, and their logits combined into one "
         "prediction per text).",
