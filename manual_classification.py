@@ -33,6 +33,7 @@ from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
     PreparedRun,
+    RunResult,
     apply_freeze_schedule,
     autocast,
     autocast_dtype,
@@ -57,7 +58,6 @@ from utility_functions import (
     stopped_early,
     top_k_summary,
     train_loader,
-    trainable_parameter_names,
     write_run_metrics,
 )
 
@@ -92,20 +92,6 @@ class Progress:
     def end_epoch(self) -> None:
         self.epoch, self.batches_done = self.epoch + 1, 0
         self.epoch_loss, self.epoch_steps = 0.0, 0
-
-
-@dataclass
-class StepClock:
-    """Seconds spent in training steps only (validation and checkpoint writes excluded), for benchmarks."""
-
-    seconds: float = 0.0
-    since: float | None = None
-
-    def start(self) -> None:
-        self.since = time.perf_counter()
-
-    def stop(self) -> None:
-        self.seconds += time.perf_counter() - self.since
 
 
 def validate(
@@ -143,7 +129,7 @@ def for_training(model: torch.nn.Module, run: PreparedRun) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> RunResult:
     config = parse_config(argv, description=__doc__)
     run = prepare_run(config)  # reads and checks every split before anything is written
     config, device, processes = run.config, run.device, run.processes
@@ -175,7 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
     writer = SummaryWriter(run.log_dir) if processes.is_main else None
     best_dir = run.run_dir / "best_model"
     metric = config.metric_for_best_model
-    trainable_by_epoch: list[list[str]] = []
 
     def save_state() -> None:
         save_training_state(run, dataclasses.asdict(progress), model, optimizer, scheduler, scaler)
@@ -201,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_run_metrics(run, "manual_classification.py", progress.best, progress.history)
         model.train()
 
-    started, clock = time.time(), StepClock()
+    started = time.time()
     try:
         while progress.epoch < config.epochs:
             if stopped_early(progress.history, progress.best, config.early_stopping_patience):
@@ -209,7 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             epoch = progress.epoch
             say(f"epoch {epoch + 1}: {apply_freeze_schedule(model, config, epoch)}")
-            trainable_by_epoch.append(trainable_parameter_names(model))
             trained = for_training(model, run)
             loader.batch_sampler.set_epoch(epoch, skip=progress.batches_done)  # reproducible order per epoch
             model.train()
@@ -217,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict:
             bar = progress_bar(
                 loader, f"epoch {epoch + 1}/{config.epochs}", done=progress.batches_done, show=processes.is_main
             )
-            clock.start()
             for i, batch in enumerate(bar, start=progress.batches_done):
                 batch = {key: value.to(device) for key, value in batch.items()}
                 # the optimizer steps after every gradient_accumulation_steps batches, and after the epoch's last
@@ -250,11 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
                         writer.add_scalar("train/loss", window_loss, progress.step)
                         writer.add_scalar("train/learning_rate", lr, progress.step)
                 if config.eval_steps and progress.step % config.eval_steps == 0 and i + 1 < len(loader):
-                    clock.stop()
                     validate_and_checkpoint()
                     save_state()
-                    clock.start()
-            clock.stop()
             validate_and_checkpoint()
             progress.end_epoch()
             save_state()
@@ -269,9 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         if writer is not None:
             writer.close()
 
-    train_seconds = time.time() - started
-    result = finish_run(run, "manual_classification.py", progress.best, progress.history, loss_fn, train_seconds)
-    return {**result, "step_seconds": clock.seconds, "trainable_by_epoch": trainable_by_epoch}
+    return finish_run(run, "manual_classification.py", progress.best, progress.history, loss_fn, time.time() - started)
 
 
 if __name__ == "__main__":

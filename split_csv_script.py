@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import Config
+from configs import TASKS, Config
 from data_functions import (
     LabelSpace,
     detect_label_space,
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task",
         default=defaults.task,
-        choices=["auto", "binary", "multiclass", "multilabel"],
+        choices=TASKS,
         help="Task; auto detects it.",
     )
     parser.add_argument("--output_dir", default="", help="Where to write the two files; empty: beside the input.")

@@ -28,6 +28,7 @@ from utility_functions import (
     ClassificationLoss,
     EncodedDataset,
     PreparedRun,
+    RunResult,
     apply_freeze_schedule,
     autocast_dtype,
     build_loss,
@@ -40,7 +41,6 @@ from utility_functions import (
     probabilities,
     save_model_directory,
     train_collator,
-    trainable_parameter_names,
     tune_threshold,
 )
 
@@ -53,14 +53,12 @@ class FreezeCallback(TrainerCallback):
 
     def __init__(self, config: Config):
         self.config = config
-        self.trainable_by_epoch: list[list[str]] = []
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         epoch = int((state.epoch or 0) + 1e-6)  # state.epoch is fractional mid-epoch after a resume
         described = apply_freeze_schedule(model, self.config, epoch)  # on every process alike
         if state.is_world_process_zero:
             print(f"epoch {epoch + 1}: {described}")
-        self.trainable_by_epoch.append(trainable_parameter_names(model))
 
 
 class ClassificationTrainer(Trainer):
@@ -176,7 +174,7 @@ def validation_history(log_history: list[dict]) -> list[dict]:
     return history
 
 
-def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> dict:
+def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> RunResult:
     config = parse_config(argv, description=__doc__)
     run = prepare_run(config)  # reads and checks every split before anything is written
     config, processes = run.config, run.processes
@@ -203,9 +201,7 @@ def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None 
         extra = {"metrics.json": best, "training_config.json": dataclasses.asdict(config)}
         save_model_directory(trainer.model, run.tokenizer, run.run_dir / "best_model", extra)
     loss_fn = build_loss(run.space, run.train_data.targets, config)
-    result = finish_run(run, "trainer_classification.py", best, history, loss_fn, train_seconds)
-    freeze = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FreezeCallback))
-    return {**result, "trainable_by_epoch": freeze.trainable_by_epoch, "trainer": trainer}
+    return finish_run(run, "trainer_classification.py", best, history, loss_fn, train_seconds)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from intel_compressor_test import (
     long_text_from,
     model_inputs,
     ood_scores,
+    predicted_label_sets,
     special_tokens,
 )
 
@@ -225,6 +226,9 @@ class Processes:
 
     rank: int = 0
     world_size: int = 1
+    # where this process's collective tensors live: the backend's device (nccl serves only CUDA
+    # tensors and refuses CPU ones; gloo, on CPU, serves CPU tensors)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -243,7 +247,7 @@ def join_processes(device: torch.device) -> tuple[Processes, torch.device]:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return Processes(torch.distributed.get_rank(), world_size), device
+    return Processes(torch.distributed.get_rank(), world_size, device), device
 
 
 def leave_processes(processes: Processes) -> None:
@@ -262,7 +266,7 @@ def mean_across(processes: Processes, value: float) -> float:
     """The mean of a number over the processes (the value itself when alone)."""
     if processes.world_size == 1:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
+    total = torch.tensor([value], dtype=torch.float64, device=processes.device)
     torch.distributed.all_reduce(total)
     return float(total) / processes.world_size
 
@@ -643,12 +647,6 @@ def evaluate(
     return metrics, logits
 
 
-def predicted_label_sets(probs: np.ndarray, space: LabelSpace, threshold: float) -> list[list[str]]:
-    if space.task == "multilabel":
-        return [[space.labels[j] for j in np.flatnonzero(row >= threshold)] for row in probs]
-    return [[space.labels[int(i)]] for i in probs.argmax(axis=1)]
-
-
 def predictions_frame(
     texts: list[str],
     targets: np.ndarray,
@@ -661,11 +659,12 @@ def predictions_frame(
 ) -> pd.DataFrame:
     """text, true label, predicted label(s), the out-of-scope score and flag, then one probability
     column per label."""
+    predicted = predicted_label_sets(probs, space.labels, space.task == "multilabel", threshold)
     frame = pd.DataFrame(
         {
             "text": texts,
             "label": [delimiter.join(s) for s in hard_label_sets(targets, space)],
-            "predicted": [delimiter.join(s) for s in predicted_label_sets(probs, space, threshold)],
+            "predicted": [delimiter.join(s) for s in predicted],
             "ood_score": ood.round(4),
             "out_of_scope": ood > ood_threshold,
         }
@@ -881,6 +880,7 @@ class PreparedRun:
     run_dir: Path
     log_dir: Path
     processes: Processes
+    epoch_budget: str  # how --epochs and --min_steps gave config.epochs, for the log line
 
 
 def resolve_config(config: Config) -> Config:
@@ -919,9 +919,9 @@ def prepare_run(config: Config) -> PreparedRun:
             f"--batch_size {config.batch_size}: {len(train_set)} training inputs "
             f"make fewer batches than the {processes.world_size} processes"
         )
-    config = dataclasses.replace(
-        config, epochs=planned_epochs(config, len(train_set), processes.world_size)
-    )  # config.json records what ran
+    planned = planned_epochs(config, len(train_set), processes.world_size)
+    epoch_budget = describe_epoch_budget(config, planned, len(train_set), processes.world_size)
+    config = dataclasses.replace(config, epochs=planned)  # config.json records what ran
     run_dir = run_directory(config)
     if (run_dir / "config.json").exists() and not config.resume:
         raise DataError(f"{run_dir} already holds a run; choose another --run_name, or add --resume")
@@ -941,6 +941,7 @@ def prepare_run(config: Config) -> PreparedRun:
         run_dir=run_dir,
         log_dir=Path(config.logging_dir) / config.run_name,
         processes=processes,
+        epoch_budget=epoch_budget,
     )
 
 
@@ -957,12 +958,36 @@ def build_model(run: PreparedRun, loss_fn: ClassificationLoss) -> nn.Module:
 def describe_data(run: PreparedRun) -> str:
     counts = Counter(label for labels in hard_label_sets(run.train_data.targets, run.space) for label in labels)
     rarest, most = min(counts.values(), default=0), max(counts.values(), default=0)
-    test_rows = len(run.test_data) if run.test_data is not None else 0
     return (
         f"task {run.space.task}, {run.space.num_labels} labels ({rarest} to {most} training rows each); "
-        f"rows: train {len(run.train_data)}, validation {len(run.valid_data)}, test {test_rows}; "
-        f"{run.config.epochs} epochs, head {run.config.head_init}{describe_long_text(run)}"
+        f"rows: {describe_splits(run)}; {run.epoch_budget}, head {run.config.head_init}{describe_long_text(run)}"
     )
+
+
+def describe_splits(run: PreparedRun) -> str:
+    """Rows of each split and where validation and test come from (split off, or no test at all)."""
+    config = run.config
+    valid = f"validation {len(run.valid_data)}"
+    if not config.validation_file:
+        valid += f" (split off the training file: {config.valid_size:.0%}, stratified, seed {config.seed})"
+    test = f"test {len(run.test_data)}" if run.test_data is not None else "no test split (no --test_file)"
+    return f"train {len(run.train_data)}, {valid}, {test}"
+
+
+def describe_epoch_budget(config: Config, planned: int, train_rows: int, world_size: int) -> str:
+    """'21 epochs (--epochs 5 raised to reach --min_steps 600 optimizer steps)', or, when --epochs was
+    given alone, what the default step budget would have chosen."""
+    epochs = f"{planned} epoch{'s' if planned != 1 else ''}"
+    if planned > config.epochs:
+        return f"{epochs} (--epochs {config.epochs} raised to reach --min_steps {config.min_steps} steps)"
+    default_steps = Config().min_steps
+    by_budget = planned_epochs(dataclasses.replace(config, min_steps=default_steps), train_rows, world_size)
+    if config.min_steps == 0 and by_budget > config.epochs:
+        return (
+            f"{epochs} as given (the step budget, --min_steps {default_steps}, would choose {by_budget} "
+            "on this data; give --min_steps too to use it)"
+        )
+    return epochs
 
 
 def describe_long_text(run: PreparedRun) -> str:
@@ -1057,6 +1082,16 @@ def test_best_model(run: PreparedRun, best_dir: Path, loss_fn: ClassificationLos
     return metrics
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What a training script's main() returns to a caller (a benchmark, a notebook, a test)."""
+
+    run_dir: Path  # outputs/<run_name>: best_model/, metrics.json, test_predictions.csv, ...
+    best: dict[str, float]  # the validation entry that picked best_model/
+    test: dict[str, float] | None  # the best model's test metrics; None without a test file
+    train_seconds: float  # the training loop (the probe-fitted head before it and the test after it excluded)
+
+
 def finish_run(
     run: PreparedRun,
     script: str,
@@ -1064,11 +1099,10 @@ def finish_run(
     history: list[dict[str, float]],
     loss_fn: ClassificationLoss,
     train_seconds: float,
-) -> dict[str, Any]:
+) -> RunResult:
     """The end of both training scripts, once best_model/ is written: report the best validation
     entry, calibrate the best model (metrics.json gets the calibration), test it from disk, and
-    leave the process group. Returns what both scripts' main() return: the run directory, the best
-    validation entry, the test metrics (None without a test file) and the training seconds."""
+    leave the process group."""
     say = print if run.processes.is_main else lambda *args, **kwargs: None
     metric, best_dir = run.config.metric_for_best_model, run.run_dir / "best_model"
     say(
@@ -1081,7 +1115,7 @@ def finish_run(
         say(f"test: {format_metrics(test_metrics)}")
     say(f"outputs in {run.run_dir}")
     leave_processes(run.processes)
-    return {"run_dir": run.run_dir, "best": best, "test": test_metrics, "train_seconds": train_seconds}
+    return RunResult(run.run_dir, best, test_metrics, train_seconds)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

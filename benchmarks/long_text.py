@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import manual_classification
 from data_functions import take_per_group
-from intel_compressor_test import aggregate_windows, cpu_description, load_classifier
+from intel_compressor_test import HelpFormatter, aggregate_windows, cpu_description, load_classifier
 
 SHARED = REPO.parent / "shared" / "data" / "imdb"
 STRATEGIES = {
@@ -69,7 +69,7 @@ def score(best_model: Path, test: pd.DataFrame, batch_size: int) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train_rows", type=int, default=4000, help="Training reviews (stratified sample).")
     parser.add_argument("--test_rows", type=int, default=5000, help="Test reviews (stratified sample).")
     parser.add_argument("--epochs", type=int, default=2)
@@ -103,7 +103,7 @@ def main() -> None:
             f"--logging_dir={directory / 'runs'}", f"--run_name={name.replace(' ', '_').replace(',', '')}",
             *STRATEGIES[name],
         ])  # fmt: skip
-        rows[name] = {**score(result["run_dir"] / "best_model", test, 32), "train s": result["train_seconds"]}
+        rows[name] = {**score(result.run_dir / "best_model", test, 32), "train s": result.train_seconds}
         print(f"{name}: {rows[name]}", flush=True)
 
     columns = list(next(iter(rows.values())))

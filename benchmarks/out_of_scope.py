@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import manual_classification
 from configs import Config
 from data_functions import LabeledData, load_data
-from intel_compressor_test import cpu_description, load_classifier, ood_scores, softmax
+from intel_compressor_test import HelpFormatter, cpu_description, load_classifier, ood_scores, softmax
 from utility_functions import (
     PaddingCollator,
     classifier_features,
@@ -113,7 +113,7 @@ def standardised_on(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--held_out", type=float, default=0.25, help="Share of intents held out of training.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--train_args", default="", help="Extra options for manual_classification.py.")
@@ -135,7 +135,7 @@ def main() -> None:
         f"--output_dir={directory / 'outputs'}", f"--logging_dir={directory / 'runs'}", "--run_name=in_scope",
         *args.train_args.split(),
     ])  # fmt: skip
-    best = result["run_dir"] / "best_model"
+    best = result.run_dir / "best_model"
     model = load_classifier(best)
     logits = model.text_logits(test["text"].tolist())  # served: calibrated (divided by the temperature)
     out = test["label"].isin(held_out).to_numpy()
@@ -166,7 +166,7 @@ def main() -> None:
         "temperature": model.temperature,
         "ECE before temperature (in-scope test)": expected_calibration_error(uncalibrated, targets),
         "ECE after temperature (in-scope test)": expected_calibration_error(calibrated, targets),
-        "validation calibration": json.loads((result["run_dir"] / "metrics.json").read_text())["calibration"],
+        "validation calibration": json.loads((result.run_dir / "metrics.json").read_text())["calibration"],
     }
 
     print(f"\n{cpu_description()}\n")

@@ -14,7 +14,6 @@ Variants, all in this process, with the same threads, on the same texts:
                                        the same tool given intel_compressor.py's export and fusions,
                                        to show what INC adds beyond the graph work
   INC onnx static/dynamic/weight-only  the model.onnx files intel_compressor.py writes
-  INC aoti static                      its compiled program (--format aoti), for this CPU only
 The speed figures come from intel_compressor.measure_speed (warm-up, then blocks of texts per model,
 the order of the models reversed every round). The test split is the run's own
 (training_config.json) unless --test_file is given.
@@ -131,8 +130,7 @@ def targets(rows: dict[str, dict[str, float]], throughput: str, cold_start: floa
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.num_threads)
-    intel_compressor.quiet_inc("onnx")
-    intel_compressor.quiet_inc("aoti")
+    intel_compressor.quiet_inc()
     source = Path(args.model).resolve()
     model_config = intel_compressor.check_model_directory(source)
     options = intel_compressor.build_parser().parse_args(
@@ -167,9 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         models[f"{PEER}, fused export"], sizes[f"{PEER}, fused export"] = fused_peer(
             exports, fp32, source, scratch, args.num_threads
         )
-        for fmt, mode in [("onnx", "static"), ("onnx", "dynamic"), ("onnx", "weight-only"), ("aoti", "static")]:
-            variant = intel_compressor.build_variant(source, fmt, mode, fp32, batches, exports, scratch, [])
-            name = f"INC {fmt} {mode}"
+        for mode in intel_compressor.MODES:
+            variant = intel_compressor.build_variant(source, mode, fp32, batches, exports, scratch, [])
+            name = f"INC onnx {mode}"
             models[name], sizes[name] = (
                 load_classifier(variant.directory, args.num_threads),
                 intel_compressor.directory_size(variant.directory),

@@ -39,7 +39,7 @@ import split_csv_script
 import trainer_classification
 from configs import parse_config, resolve_embedded
 from data_functions import load_data
-from intel_compressor_test import cpu_description
+from intel_compressor_test import HelpFormatter, cpu_description
 from utility_functions import (
     PaddingCollator,
     compute_metrics,
@@ -138,9 +138,9 @@ def fine_tuned(script, args: list[str], directory: Path, name: str) -> dict[str,
         ]
     )
     model = AutoModelForSequenceClassification.from_pretrained(
-        result["run_dir"] / "best_model", local_files_only=True
+        result.run_dir / "best_model", local_files_only=True
     ).eval()
-    tokenizer = load_tokenizer(str(result["run_dir"] / "best_model"))
+    tokenizer = load_tokenizer(str(result.run_dir / "best_model"))
     logits = predict_logits(
         model,
         encode(tokenizer, test, long_text_of(config)),
@@ -149,17 +149,17 @@ def fine_tuned(script, args: list[str], directory: Path, name: str) -> dict[str,
         torch.device("cpu"),
     )
     threshold = getattr(model.config, "multilabel_threshold", 0.5)
-    history = json.loads((result["run_dir"] / "metrics.json").read_text())["history"]
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
     epochs = max(entry["epoch"] for entry in history)
     return {
         **scores(space.task, probabilities(logits, space.task), test.targets, threshold),
-        "seconds": result["train_seconds"],
+        "seconds": result.train_seconds,
         "epochs": epochs,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--protocols", default="nlupp,banking77_small", help="Comma-separated: nlupp, banking77_small, banking77_full."
     )

@@ -20,6 +20,7 @@ from intel_compressor_test import ood_scores
 from utility_functions import expected_calibration_error, fit_temperature, fold_temperature
 
 
+@pytest.mark.unit
 def test_the_temperature_fit_recovers_a_known_temperature():
     generator = torch.Generator().manual_seed(0)
     calibrated = 2.0 * torch.randn(20_000, 10, generator=generator)  # labels drawn from softmax of these
@@ -28,6 +29,7 @@ def test_the_temperature_fit_recovers_a_known_temperature():
     assert fit_temperature(calibrated * 0.5, labels) == pytest.approx(0.5, rel=0.03)  # underconfident
 
 
+@pytest.mark.unit
 def test_folding_the_temperature_into_the_head_divides_the_logits(tiny_bert_dir):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     input_ids = torch.randint(1000, 2000, (4, 12), generator=torch.Generator().manual_seed(1))
@@ -39,6 +41,7 @@ def test_folding_the_temperature_into_the_head_divides_the_logits(tiny_bert_dir)
     assert torch.equal(after.argmax(1), before.argmax(1))
 
 
+@pytest.mark.unit
 def test_energy_and_joint_energy_by_hand():
     logits = np.array([[2.0, 0.0, -1.0], [10.0, 10.0, 10.0]])
     energy = [-math.log(math.exp(2) + 1 + math.exp(-1)), -(10 + math.log(3))]
@@ -50,6 +53,7 @@ def test_energy_and_joint_energy_by_hand():
     assert ood_scores(np.array([[900.0, -900.0]]), multilabel=True)[0] == pytest.approx(-900.0)  # no overflow
 
 
+@pytest.mark.unit
 def test_expected_calibration_error_by_hand():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
     targets = np.array([0, 1, 1, 1])

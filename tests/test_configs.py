@@ -7,6 +7,8 @@ from configs import Config, build_parser, parse_config, resolve_embedded
 from intel_compressor_test import DataError, run_cli
 from utility_functions import load_tokenizer, resolve_config
 
+pytestmark = pytest.mark.unit  # pure: no training, no subprocess
+
 HF_NAMES = [
     "model_name_or_path",
     "train_file",

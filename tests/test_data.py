@@ -13,6 +13,8 @@ from intel_compressor_test import DataError
 from tests.helpers import shared_file
 from utility_functions import PaddingCollator, TrainBatchSampler
 
+pytestmark = pytest.mark.unit  # pure: no training, no subprocess
+
 CONFIG = Config()
 
 

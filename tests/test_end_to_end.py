@@ -43,7 +43,7 @@ def test_multiclass_banking77(tiny_bert_dir, banking_slice, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
     best = max(history, key=lambda h: h["macro_f1"])
-    assert out["metrics"]["best"] == best == result["best"]
+    assert out["metrics"]["best"] == best == result.best
     assert out["config"]["train_file"] == str(train) and out["config"]["epochs"] == 3
 
     predictions = out["predictions"]
@@ -55,7 +55,7 @@ def test_multiclass_banking77(tiny_bert_dir, banking_slice, tmp_path):
     assert (np.array(labels)[probs.argmax(axis=1)] == predictions["predicted"]).all()
     accuracy = (predictions["label"] == predictions["predicted"]).mean()
     assert out["test_metrics"]["accuracy"] == pytest.approx(accuracy)
-    assert out["test_metrics"] == result["test"]
+    assert out["test_metrics"] == result.test
 
     events = EventAccumulator(str(tmp_path / "runs" / "run"), size_guidance={"tensors": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
@@ -151,6 +151,7 @@ class FailingTokenizer:
         raise KeyboardInterrupt  # as if Ctrl-C arrived half-way through a save
 
 
+@pytest.mark.unit
 def test_interrupted_save_keeps_the_previous_best_model(tiny_bert_dir, tmp_path):
     from transformers import AutoTokenizer
 

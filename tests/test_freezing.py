@@ -10,6 +10,8 @@ from configs import Config
 from intel_compressor_test import DataError
 from utility_functions import apply_freeze_schedule, describe_trainable, trainable_parameter_names
 
+pytestmark = pytest.mark.unit  # pure: no training, no subprocess
+
 
 def parameters_with_gradients(model: torch.nn.Module) -> set[str]:
     model.zero_grad(set_to_none=True)

@@ -11,6 +11,8 @@ from configs import Config
 from data_functions import LabelSpace
 from utility_functions import build_loss, compute_metrics, predictions_frame, tune_threshold
 
+pytestmark = pytest.mark.unit  # pure: no training, no subprocess
+
 
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))

@@ -30,5 +30,5 @@ def test_minilm_beats_majority_on_held_out_imdb(minilm_path, tmp_path):
         ]
     )
     majority = held_out["label"].value_counts(normalize=True).max()
-    assert result["test"]["accuracy"] >= majority + 0.2, (result["test"], majority)
-    assert result["test"]["f1"] > 0.7
+    assert result.test["accuracy"] >= majority + 0.2, (result.test, majority)
+    assert result.test["f1"] > 0.7

@@ -58,6 +58,7 @@ def results(notebook: nbformat.NotebookNode) -> list[str]:
     ]
 
 
+@pytest.mark.unit
 def test_committed_notebooks_carry_no_outputs():
     assert [p.name for p in NOTEBOOKS] == ["1_data.ipynb", "2_training.ipynb", "3_quantization.ipynb"]
     for path in NOTEBOOKS:

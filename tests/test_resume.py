@@ -1,6 +1,8 @@
 """Resume, checked like torchtune's recipe tests: train 2 epochs straight; separately train 1
 epoch, stop, resume for the second; the second epoch's per-step losses and the final metrics
-match. And Ctrl-C in the middle of an epoch leaves a loadable best model and a resumable state."""
+match. The resumed run logs to its own TensorBoard directory, so a resume that silently started
+from scratch (logging steps 1, 2, ... with the same seeded losses) fails. And Ctrl-C in the middle
+of an epoch leaves a loadable best model and a resumable state."""
 
 import json
 import signal
@@ -14,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 import manual_classification
 import trainer_classification
 from tests.helpers import LOSS_TOLERANCE, REPO, banking77_slice, interrupt_after_checkpoint, step_losses, tiny_run_args
+from utility_functions import RunResult
 
 
 def resume_args(slice_files) -> list[str]:
@@ -22,24 +25,31 @@ def resume_args(slice_files) -> list[str]:
 
 
 def resume_stopped_run(tmp_path) -> list[str]:
-    """Command line that resumes the run named 'stopped' from its newest checkpoint."""
+    """Command line that resumes the run named 'stopped' from its newest checkpoint, logging to
+    runs-resumed/ (the interrupted run logged to runs/)."""
     return [
         f"--output_dir={tmp_path / 'outputs'}",
-        f"--logging_dir={tmp_path / 'runs'}",
+        f"--logging_dir={tmp_path / 'runs-resumed'}",
         "--run_name=stopped",
         "--resume",
     ]
 
 
-def assert_resumed_like_straight(tmp_path, stop: int, straight: dict, resumed: dict) -> None:
-    """Per-step losses after step `stop`, the best entry and the test metrics all match."""
+def assert_resumed_like_straight(tmp_path, stop: int, straight: RunResult, resumed: RunResult) -> None:
+    """The resumed run logged every step after `stop` and nothing before it, with the straight run's
+    losses; the best entry and the test metrics match too."""
     expected = {s: v for s, v in step_losses(tmp_path / "runs" / "straight").items() if s > stop}
-    got = {s: v for s, v in step_losses(tmp_path / "runs" / "stopped").items() if s > stop}
-    assert expected and sorted(got) == sorted(expected)
+    got = step_losses(tmp_path / "runs-resumed" / "stopped")
+    assert expected and min(got) == stop + 1 and sorted(got) == sorted(expected)
     for step, value in expected.items():
         assert got[step] == pytest.approx(value, abs=LOSS_TOLERANCE), step
-    assert resumed["best"] == pytest.approx(straight["best"], abs=LOSS_TOLERANCE)
-    assert resumed["test"] == pytest.approx(straight["test"], abs=LOSS_TOLERANCE)
+    assert resumed.best == pytest.approx(straight.best, abs=LOSS_TOLERANCE)
+    assert resumed.test == pytest.approx(straight.test, abs=LOSS_TOLERANCE)
+
+
+def first_epoch_end(result: RunResult) -> int:
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
+    return max(h["step"] for h in history if h["epoch"] == 1)
 
 
 def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str], stop_step) -> None:
@@ -55,7 +65,7 @@ def check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common: list[str],
     resumed = manual_classification.main(resume_stopped_run(tmp_path))
     assert_resumed_like_straight(tmp_path, stop, straight, resumed)
     history = json.loads((tmp_path / "outputs" / "stopped" / "metrics.json").read_text())["history"]
-    straight_history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
+    straight_history = json.loads((straight.run_dir / "metrics.json").read_text())["history"]
     assert len(history) == len(straight_history)
     for entry, expected_entry in zip(history, straight_history, strict=True):
         assert entry == pytest.approx(expected_entry, abs=LOSS_TOLERANCE)
@@ -65,8 +75,8 @@ def test_manual_loop_resumes_exactly_after_an_epoch(tiny_bert_dir, banking_slice
     common = resume_args(banking_slice)
 
     def end_of_first_epoch(straight):
-        steps = sorted(int(p.name.split("-")[1]) for p in (straight["run_dir"] / "checkpoints").iterdir())
-        assert len(steps) == 2  # one per epoch
+        steps = sorted(int(p.name.split("-")[1]) for p in (straight.run_dir / "checkpoints").iterdir())
+        assert len(steps) == 2 and steps[0] == first_epoch_end(straight)  # one per epoch
         return steps[0]
 
     check_manual_resume(tiny_bert_dir, tmp_path, monkeypatch, common, end_of_first_epoch)
@@ -85,8 +95,8 @@ def test_manual_loop_resumes_exactly_from_a_mid_epoch_checkpoint(tiny_bert_dir, 
     ]
 
     def inside_second_epoch(straight):
-        history = json.loads((straight["run_dir"] / "metrics.json").read_text())["history"]
-        epoch_one_end = max(h["step"] for h in history if h["epoch"] == 1)
+        history = json.loads((straight.run_dir / "metrics.json").read_text())["history"]
+        epoch_one_end = first_epoch_end(straight)
         stop = next(h["step"] for h in history if h["epoch"] == 2)  # first mid-epoch evaluation of epoch 2
         assert epoch_one_end < stop < history[-1]["step"] and stop % 7 == 0
         return stop
@@ -106,7 +116,7 @@ def test_trainer_resumes_exactly(tiny_bert_dir, banking_slice, tmp_path):
         [*tiny_run_args(tiny_bert_dir, tmp_path, "stopped"), *common], callbacks=[StopAfterFirstEpoch()]
     )
     resumed = trainer_classification.main(resume_stopped_run(tmp_path))
-    assert_resumed_like_straight(tmp_path, straight["trainer"].state.global_step // 2, straight, resumed)
+    assert_resumed_like_straight(tmp_path, first_epoch_end(straight), straight, resumed)
 
 
 def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_dir, tmp_path):
@@ -150,5 +160,5 @@ def test_ctrl_c_in_second_epoch_leaves_best_model_and_resumable_state(tiny_bert_
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     predictions = pd.read_csv(run_dir / "test_predictions.csv")
-    assert resumed["test"]["accuracy"] == pytest.approx((predictions["label"] == predictions["predicted"]).mean())
-    assert resumed["best"] == max(history, key=lambda h: h["macro_f1"])  # picked over all 3 epochs
+    assert resumed.test["accuracy"] == pytest.approx((predictions["label"] == predictions["predicted"]).mean())
+    assert resumed.best == max(history, key=lambda h: h["macro_f1"])  # picked over all 3 epochs

@@ -24,6 +24,7 @@ from utility_functions import (
 )
 
 
+@pytest.mark.unit
 def test_step_budget_raises_epochs_on_small_data():
     config = dataclasses.replace(Config(), batch_size=32, epochs=5, min_steps=600)
     assert planned_epochs(config, 900) == 21  # 29 steps an epoch
@@ -32,6 +33,7 @@ def test_step_budget_raises_epochs_on_small_data():
     assert planned_epochs(dataclasses.replace(config, gradient_accumulation_steps=2), 900) == 40  # 15 steps an epoch
 
 
+@pytest.mark.unit
 def test_stopped_early_counts_validations_after_the_best():
     history = [{"step": 10, "macro_f1": 0.5}, {"step": 20, "macro_f1": 0.7}, {"step": 30, "macro_f1": 0.6}]
     best = history[1]
@@ -53,15 +55,15 @@ def test_early_stopping_and_step_budget_in_both_scripts(script, tiny_bert_dir, b
         "--head_init=probe",  # both scripts through the probe-fitted head
     ]
     result = script.main(args)
-    config = json.loads((result["run_dir"] / "config.json").read_text())
+    config = json.loads((result.run_dir / "config.json").read_text())
     assert config["epochs"] == 11  # ceil(250 / 23): 180 training rows are 23 batches of 8
-    history = json.loads((result["run_dir"] / "metrics.json").read_text())["history"]
+    history = json.loads((result.run_dir / "metrics.json").read_text())["history"]
     scores = [entry["macro_f1"] for entry in history]
     best_so_far = [max(range(i + 1), key=lambda j: (scores[j], -j)) for i in range(len(scores))]  # first best
     stops = [i for i in range(len(scores)) if i - best_so_far[i] >= 2]
     # the run ends at the second validation without improvement, or after its last epoch
     assert len(history) == (stops[0] + 1 if stops else 11), scores
-    assert result["best"]["step"] == history[best_so_far[-1]]["step"]
+    assert result.best["step"] == history[best_so_far[-1]]["step"]
 
 
 def test_probe_head_predicts_like_a_logistic_regression_before_training(minilm_path, banking_slice, tmp_path):

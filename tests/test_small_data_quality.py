@@ -36,18 +36,25 @@ def nlupp_slice(directory, fraction: float) -> list[str]:
     ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("task", "metric"), [("banking77", "accuracy"), ("nlupp", "micro_f1")])
-def test_fine_tuning_beats_the_linear_probe(task, metric, minilm_path, tmp_path):
+def fine_tuned_and_probe(task: str, minilm_path: str, tmp_path) -> tuple[dict, dict]:
     data = banking77_few_shot(tmp_path, intents=20, shots=40) if task == "banking77" else nlupp_slice(tmp_path, 0.3)
     args = [*data, f"--model_name_or_path={minilm_path}", "--min_steps=300", "--num_threads=2"]
-    probe = linear_probe(args)
-    model = fine_tuned(manual_classification, args, tmp_path, task)
-    assert model[metric] >= probe[metric] + MARGIN[task], (model, probe)
+    return fine_tuned(manual_classification, args, tmp_path, task), linear_probe(args)
 
 
-# Fine-tuned minus probe, measured on these slices (2026-11-25, AMD EPYC Zen 4, 2 threads): NLU++
-# micro-F1 0.854 against 0.736 (+11.8 points). BANKING77, 20 intents x 40 texts: 0.960 against 0.971
-# (-1.1 points; 10 texts an intent: 0.891 against 0.945). The probe still wins on a few easy intents
-# (issue 11 stays open for it); this bound fails if fine-tuning falls further behind.
-MARGIN = {"nlupp": 0.08, "banking77": -0.02}
+# Fine-tuned against the probe on these slices (AMD EPYC Zen 4, 2 threads): NLU++ micro-F1 0.854
+# against 0.736 (+11.8 points); BANKING77, 20 intents x 40 texts, accuracy 0.960 against 0.971 (-1.1).
+
+
+@pytest.mark.slow
+def test_fine_tuning_beats_the_linear_probe_on_nlupp(minilm_path, tmp_path):
+    model, probe = fine_tuned_and_probe("nlupp", minilm_path, tmp_path)
+    assert model["micro_f1"] >= probe["micro_f1"] + 0.08, (model, probe)
+
+
+@pytest.mark.slow
+def test_fine_tuning_stays_within_two_points_of_the_linear_probe_on_few_shot_banking77(minilm_path, tmp_path):
+    """On a few easy intents the probe on MiniLM's paraphrase-trained features is hard to beat: the
+    fine-tuned model may trail it, by at most 2 points (it fails if fine-tuning falls further behind)."""
+    model, probe = fine_tuned_and_probe("banking77", minilm_path, tmp_path)
+    assert model["accuracy"] >= probe["accuracy"] - 0.02, (model, probe)

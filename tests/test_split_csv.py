@@ -7,6 +7,7 @@ import split_csv_script
 from tests.helpers import run_python, shared_file
 
 
+@pytest.mark.unit
 def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):
     source = shared_file("banking77/test.csv")
     train_path, test_path = split_csv_script.main([str(source), "--test_size", "0.25", "--output_dir", str(tmp_path)])
@@ -30,6 +31,7 @@ def test_multiclass_split_is_stratified_seeded_and_complete(tmp_path, capsys):
     assert not pd.read_csv(other[1]).equals(test)
 
 
+@pytest.mark.unit
 def test_multilabel_split_keeps_every_test_label_in_train(tmp_path):
     source = shared_file("nlupp/banking.csv")
     train_path, test_path = split_csv_script.main(
@@ -55,6 +57,7 @@ def test_too_few_examples_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "small_train.csv").exists()
 
 
+@pytest.mark.unit
 def test_bad_test_size():
     with pytest.raises(split_csv_script.DataError, match="--test_size must be between 0 and 1"):
         split_csv_script.main([str(shared_file("banking77/test.csv")), "--test-size", "1.5"])

@@ -9,7 +9,7 @@ import manual_classification
 import trainer_classification
 from configs import parse_config
 from tests.helpers import banking77_slice, shared_file, tiny_run_args
-from utility_functions import build_loss, build_model, prepare_run
+from utility_functions import build_loss, build_model, prepare_run, trainable_parameter_names
 
 # Both runs see the same data with the same seed, but Trainer's length-grouped sampler orders the
 # batches (and Trainer re-seeds dropout) differently, so the two end at different points. With the
@@ -55,7 +55,21 @@ def test_same_initial_model_and_same_first_batch_loss(tiny_bert_dir, tmp_path, t
     assert manual_loss.item() == pytest.approx(FIRST_BATCH_LOSS[task], rel=1e-4)
 
 
-def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
+def recording_trainable_names(monkeypatch, module) -> list[list[str]]:
+    """The trainable parameter names right after each call of the script's freeze schedule."""
+    recorded: list[list[str]] = []
+    real = module.apply_freeze_schedule
+
+    def apply_and_record(model, config, epoch):
+        described = real(model, config, epoch)
+        recorded.append(trainable_parameter_names(model))
+        return described
+
+    monkeypatch.setattr(module, "apply_freeze_schedule", apply_and_record)
+    return recorded
+
+
+def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path, monkeypatch):
     train, test = banking77_slice(tmp_path, classes=5, train_per_class=100, test_per_class=20)
     common = [
         f"--train_file={train}",
@@ -65,17 +79,19 @@ def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
         "--freeze_layers=1",
         "--freeze_epochs=1",
     ]
+    manual_phases = recording_trainable_names(monkeypatch, manual_classification)
+    trainer_phases = recording_trainable_names(monkeypatch, trainer_classification)
     manual = manual_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "manual"), *common])
     trainer = trainer_classification.main([*tiny_run_args(tiny_bert_dir, tmp_path, "trainer"), *common])
 
-    assert len(manual["trainable_by_epoch"]) == len(trainer["trainable_by_epoch"]) == 8
-    assert manual["trainable_by_epoch"] == trainer["trainable_by_epoch"]
-    frozen_phase, open_phase = set(manual["trainable_by_epoch"][0]), set(manual["trainable_by_epoch"][1])
+    assert len(manual_phases) == len(trainer_phases) == 8  # once an epoch
+    assert manual_phases == trainer_phases
+    frozen_phase, open_phase = set(manual_phases[0]), set(manual_phases[1])
     assert not any(n.startswith(("bert.embeddings", "bert.encoder.layer.0.")) for n in frozen_phase)
     assert frozen_phase < open_phase
 
     for result in (manual, trainer):  # same output layout
-        run_dir = result["run_dir"]
+        run_dir = result.run_dir
         for name in (
             "config.json",
             "metrics.json",
@@ -84,9 +100,6 @@ def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path):
             "best_model/model.safetensors",
         ):
             assert (run_dir / name).is_file(), (run_dir, name)
-    assert abs(manual["test"]["macro_f1"] - trainer["test"]["macro_f1"]) <= F1_TOLERANCE, (
-        manual["test"],
-        trainer["test"],
-    )
+    assert abs(manual.test["macro_f1"] - trainer.test["macro_f1"]) <= F1_TOLERANCE, (manual.test, trainer.test)
     # pinned (CPU, torch 2.13.0) to one test row of 100: chance is 0.2; regenerate by printing them
-    assert (manual["test"]["accuracy"], trainer["test"]["accuracy"]) == pytest.approx((0.99, 0.97), abs=0.01 + 1e-9)
+    assert (manual.test["accuracy"], trainer.test["accuracy"]) == pytest.approx((0.99, 0.97), abs=0.01 + 1e-9)

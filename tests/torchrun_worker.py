@@ -44,6 +44,22 @@ def record_batches(drawn: list[list[int]]) -> None:
     utility_functions.TrainBatchSampler.__iter__ = recording
 
 
+def kept_while_running(module, function: str, pick, argv: list[str]) -> torch.nn.Module:
+    """Run module.main(argv) with module.<function> wrapped to keep pick(its result, *its arguments):
+    the model the script trains, whose final parameters are read after the run."""
+    kept = {}
+    real = getattr(module, function)
+
+    def keep(*args):
+        result = real(*args)
+        kept["model"] = pick(result, *args)
+        return result
+
+    setattr(module, function, keep)
+    module.main(argv)
+    return kept["model"]
+
+
 def main() -> None:
     script, prefix, *argv = sys.argv[1:]
     drawn: list[list[int]] = []
@@ -52,18 +68,10 @@ def main() -> None:
     if "INTERRUPT_AFTER_STEP" in os.environ:
         interrupt_after_checkpoint(pytest.MonkeyPatch(), int(os.environ["INTERRUPT_AFTER_STEP"]))
     if script == "manual":
-        trained = {}
-        real = manual_classification.for_training
-
-        def remember(model, run):
-            trained["model"] = model
-            return real(model, run)
-
-        manual_classification.for_training = remember
-        manual_classification.main(argv)
-        model = trained["model"]
+        # for_training(model, run) wraps the model in DistributedDataParallel: keep the model itself
+        model = kept_while_running(manual_classification, "for_training", lambda result, model, run: model, argv)
     else:
-        model = trainer_classification.main(argv)["trainer"].model
+        model = kept_while_running(trainer_classification, "build_trainer", lambda trainer, *_: trainer.model, argv)
     Path(f"{prefix}.rank{os.environ['RANK']}.json").write_text(json.dumps({"digest": digest(model)}))
     if drawn:
         Path(f"{prefix}.rank{os.environ['RANK']}.batches.json").write_text(json.dumps(drawn))
