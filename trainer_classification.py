@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler, SequentialSampler
 from torch.utils.tensorboard import SummaryWriter
 from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
@@ -64,6 +65,12 @@ class FreezeCallback(TrainerCallback):
 class ClassificationTrainer(Trainer):
     # Our loss is a per-batch mean: Trainer must divide it by the accumulation steps, as the manual loop does.
     loss_is_scaled_for_ga = False
+
+    def _get_eval_sampler(self, eval_dataset: EncodedDataset) -> Sampler | None:
+        """Evaluation in dataset order. Under group_by_length, Trainer (transformers 5) also length-groups
+        and shuffles the evaluation batches, but the metrics match predictions with the validation rows
+        (and a text's windows) by position. Under torchrun Trainer shards the rows in order itself."""
+        return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
 
 def loss_for_trainer(loss_fn: ClassificationLoss):

@@ -59,7 +59,8 @@ def banking_runs(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
     directory = tmp_path_factory.mktemp("banking")
     train, test = banking77_slice(directory, classes=5, train_per_class=40, test_per_class=10)
-    data = [f"--train_file={train}", f"--test_file={test}", "--epochs=3"]
+    # 6 epochs at 3e-3: both scripts learn the five intents (validation accuracy 1.0, test 0.98 and 1.0)
+    data = [f"--train_file={train}", f"--test_file={test}", "--epochs=6", "--learning_rate=3e-3"]
     manual_classification.main([*tiny_run_args(tiny_bert_dir, directory, "manual"), *data])
     trainer_classification.main([*tiny_run_args(tiny_bert_dir, directory, "trainer"), *data])
     best = directory / "outputs" / "manual" / "best_model"

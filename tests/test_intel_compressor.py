@@ -99,8 +99,9 @@ def test_onnx_exports_compute_the_models_logits(banking_runs, tmp_path):
     )
     assert (mask == 0).any()
     expected = fp32.forward(input_ids, mask)
-    for graph in exports.plain, exports.fused:
-        np.testing.assert_allclose(intel_compressor_test.onnx_forward(graph)(input_ids, mask), expected, atol=2e-5)
+    for graph in exports.plain, exports.fused:  # float32 rounding of logits in the hundreds (a folded temperature)
+        logits = intel_compressor_test.onnx_forward(graph)(input_ids, mask)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=2e-5)
 
 
 def test_int8_runs_in_a_fresh_process_without_importing_torch_or_transformers(banking_runs):

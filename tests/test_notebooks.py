@@ -19,17 +19,42 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds; a cell that hangs fails the test instead of the CI job
 
 
+# Run in the kernel before the notebook: count every matplotlib Figure created, whichever way.
+COUNT_FIGURES = """
+import matplotlib.figure
+_figures_made = []
+_figure_init = matplotlib.figure.Figure.__init__
+def _counted_init(self, *args, **kwargs):
+    _figure_init(self, *args, **kwargs)
+    _figures_made.append(1)
+matplotlib.figure.Figure.__init__ = _counted_init
+"""
+FIGURES_MADE = "print(len(_figures_made)); _figures_made.clear()"
+
+
 def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> nbformat.NotebookNode:
     """Run a notebook top to bottom in a fresh kernel, from its own folder as Jupyter does; any cell
-    error raises CellExecutionError with the traceback."""
+    error raises CellExecutionError with the traceback. Each code cell's metadata gets
+    `figures_made`: the matplotlib figures it created (counted by cells run around it, then removed)."""
     for key in ("NOTEBOOK_ARGS", "NOTEBOOK_OUTPUTS", "NOTEBOOK_RUNS", "NOTEBOOK_RUN"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     notebook = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    cells = [nbformat.v4.new_code_cell(COUNT_FIGURES)]
+    for cell in notebook.cells:
+        cells += [cell, nbformat.v4.new_code_cell(FIGURES_MADE)] if cell.cell_type == "code" else [cell]
+    notebook.cells = cells
     NotebookClient(
         notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
     ).execute()
+    kept = []
+    for cell in notebook.cells[1:]:
+        if cell.cell_type == "code" and cell.source == FIGURES_MADE:
+            kept[-1].metadata["figures_made"] = int(cell.outputs[0].text)
+        else:
+            kept.append(cell)
+    notebook.cells = kept
     return notebook
 
 
@@ -38,13 +63,16 @@ def code_cells(notebook: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
 
 
 def assert_every_figure_drawn(notebook: nbformat.NotebookNode) -> None:
-    """Each cell that shows a figure has a PNG among its outputs, and nothing went to stderr."""
+    """Every figure a cell creates is shown among its outputs as a PNG, and nothing went to stderr."""
+    drawing = 0
     for cell in code_cells(notebook):
         images = [o for o in cell.outputs if o.output_type == "display_data" and "image/png" in o.data]
-        if "plt.show()" in cell.source:
-            assert images, f"no figure from:\n{cell.source[:200]}"
+        made = cell.metadata["figures_made"]
+        assert len(images) >= made, f"{made} figures made, {len(images)} shown by:\n{cell.source[:200]}"
+        drawing += made > 0
         stderr = [o.text for o in cell.outputs if o.output_type == "stream" and o.name == "stderr"]
         assert not stderr, stderr
+    assert drawing, "no cell drew a figure"
 
 
 def printed(notebook: nbformat.NotebookNode) -> str:
