@@ -23,9 +23,10 @@ Every mode also stores the embedding tables (a third of MiniLM's weights) as int
 
 The calibration texts and the validation split are the training run's own (best_model/
 training_config.json, same split and seed); --train_file / --validation_file override them.
-Writes <model>-int8/ (or --output) atomically: the model, tokenizer.json, edge_config.json and
-quantization_report.json, which holds fp32, ONNX Runtime's own int8 (quantize_dynamic, the tool a
-user would otherwise pick) and INC int8 side by side, measured in this process in turns.
+Writes <model>-int8/ (or --output) atomically: the model, tokenizer.json, edge_config.json,
+drift_reference.json (the training run's, when there is one) and quantization_report.json, which
+holds fp32, ONNX Runtime's own int8 (quantize_dynamic, the tool a user would otherwise pick) and INC
+int8 side by side, measured in this process in turns.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from data_functions import (
     write_json,
 )
 from intel_compressor_test import (
+    DRIFT_REFERENCE,
     EDGE_CONFIG,
     MODEL_FILE,
     ONNX_INPUTS,
@@ -448,6 +450,8 @@ def build_variant(
     directory = Path(tempfile.mkdtemp(dir=staging_root, prefix=f"{mode}-"))
     quantize_onnx(exports.fused, mode, batches, onnx_head_nodes(exports.fused, fp32_layers), directory / MODEL_FILE)
     shutil.copy(source / "tokenizer.json", directory / "tokenizer.json")
+    if (source / DRIFT_REFERENCE).is_file():  # what the model predicted on validation, for the server's drift gauges
+        shutil.copy(source / DRIFT_REFERENCE, directory / DRIFT_REFERENCE)
     write_json(directory / EDGE_CONFIG, {
         "format": "onnx",
         "mode": mode,

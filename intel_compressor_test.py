@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,6 +445,97 @@ def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
 
 
 # ---------------------------------------------------------------------------------------
+# Drift: what the model predicts now against what it predicted on validation
+# ---------------------------------------------------------------------------------------
+
+DRIFT_REFERENCE = "drift_reference.json"
+NO_LABEL = "(no label)"  # multi-label: a text with no label above the threshold
+PSI_FLOOR = 1e-4  # shares below it count as it: a label never predicted must not make the PSI infinite
+
+
+def label_counts(label_sets: list[list[str]], labels: list[str]) -> np.ndarray:
+    """How often each label was predicted, and (last) how many texts got none."""
+    index = {label: i for i, label in enumerate(labels)}
+    counts = np.zeros(len(labels) + 1)
+    for predicted in label_sets:
+        for label in predicted:
+            counts[index[label]] += 1
+        counts[-1] += not predicted
+    return counts
+
+
+def population_stability_index(expected: np.ndarray, observed: np.ndarray) -> float:
+    """PSI = sum (o - e) ln(o / e) over the buckets of two distributions (counts or shares): under
+    0.1 the usual reading is no shift, 0.1-0.25 a moderate one, above 0.25 a large one."""
+    e = np.maximum(np.asarray(expected, dtype=float) / max(np.sum(expected), 1e-12), PSI_FLOOR)
+    o = np.maximum(np.asarray(observed, dtype=float) / max(np.sum(observed), 1e-12), PSI_FLOOR)
+    return float(np.sum((o - e) * np.log(o / e)))
+
+
+def drift_reference(label_sets: list[list[str]], labels: list[str], ood: np.ndarray, ood_threshold: float) -> dict:
+    """What the training scripts write with the best model (drift_reference.json): on validation, the
+    share of each predicted label, the share out of scope, and quantiles of the ood_score."""
+    counts = label_counts(label_sets, labels)
+    quantiles = (0.05, 0.25, 0.5, 0.75, 0.95)
+    return {
+        "texts": len(label_sets),
+        "labels": [*labels, NO_LABEL],
+        "label_shares": (counts / max(counts.sum(), 1)).round(6).tolist(),
+        "out_of_scope_share": float(np.mean(ood > ood_threshold)),
+        "ood_quantiles": {f"{q:.2f}": float(np.quantile(ood, q)) for q in quantiles},
+    }
+
+
+def read_drift_reference(directory: Path) -> dict | None:
+    """The reference of a model directory (fp32 or int8), None for models written before it existed."""
+    path = Path(directory) / DRIFT_REFERENCE
+    return read_json(path) if path.is_file() else None
+
+
+class DriftWindow:
+    """The last `size` texts scored (all of them when size is 0): their predicted labels and
+    out-of-scope flags, summarised against the reference."""
+
+    def __init__(self, reference: dict, size: int = 0):
+        self.reference, self.size = reference, size
+        self.labels = reference["labels"][:-1]
+        self.recent: deque[tuple[np.ndarray, bool]] = deque()
+        self.counts, self.texts, self.out_of_scope = np.zeros(len(self.labels) + 1), 0, 0
+
+    def add(self, label_sets: list[list[str]], out_of_scope: list[bool]) -> None:
+        for predicted, flagged in zip(label_sets, out_of_scope, strict=True):
+            counts = label_counts([predicted], self.labels)
+            self.counts += counts
+            self.texts += 1
+            self.out_of_scope += bool(flagged)
+            if self.size:
+                self.recent.append((counts, bool(flagged)))
+                if len(self.recent) > self.size:
+                    old, old_flag = self.recent.popleft()
+                    self.counts -= old
+                    self.texts -= 1
+                    self.out_of_scope -= old_flag
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "texts": self.texts,
+            "out_of_scope_share": self.out_of_scope / self.texts if self.texts else 0.0,
+            "expected_out_of_scope_share": self.reference["out_of_scope_share"],
+            "label_psi": population_stability_index(self.reference["label_shares"], self.counts) if self.texts else 0.0,
+        }
+
+
+def describe_drift(summary: dict[str, float]) -> str:
+    psi = summary["label_psi"]
+    reading = "no shift" if psi < 0.1 else "a moderate shift" if psi < 0.25 else "a large shift"
+    return (
+        f"drift over {summary['texts']:,} texts: out of scope {summary['out_of_scope_share']:.1%} "
+        f"(validation: {summary['expected_out_of_scope_share']:.1%}); predicted-label PSI against validation "
+        f"{psi:.3f} ({reading})"
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
 
@@ -504,7 +596,8 @@ def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[
             raise DataError(f"{path}: no rows below the header")
 
 
-def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
+def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace, drift: DriftWindow | None) -> Path:
+    """Write the predictions of every row of --input; `drift`, when given, sees every prediction."""
     from tqdm import tqdm
 
     source = Path(args.input)
@@ -526,9 +619,10 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace) -> Path:
                     )
                     writer.writeheader()
                 probs, ood = classifier.predictions([row[args.text_column] for row in rows], args.batch_size)
-                for row, scores, labels, score in zip(
-                    rows, probs.tolist(), classifier.predicted_labels(probs), ood.tolist()
-                ):
+                predicted = classifier.predicted_labels(probs)
+                if drift is not None:
+                    drift.add(predicted, (ood > classifier.ood_threshold).tolist())
+                for row, scores, labels, score in zip(rows, probs.tolist(), predicted, ood.tolist()):
                     row["predicted"] = args.label_delimiter.join(labels)
                     row["ood_score"], row["out_of_scope"] = f"{score:.4f}", score > classifier.ood_threshold
                     row.update({column: f"{p:.6f}" for column, p in zip(prob_columns, scores)})
@@ -560,8 +654,12 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args.model, args.num_threads)
     print(f"loaded {classifier.kind} model from {args.model} in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     if args.input:
-        target = classify_csv(classifier, args)
+        reference = read_drift_reference(Path(args.model))
+        drift = DriftWindow(reference) if reference else None
+        target = classify_csv(classifier, args, drift)
         print(f"wrote {target}", file=sys.stderr)
+        if drift is not None:
+            print(describe_drift(drift.summary()), file=sys.stderr)
     else:
         classify_texts(classifier, args.texts, args.batch_size)
 

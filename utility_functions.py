@@ -43,9 +43,11 @@ from data_functions import (
     write_json,
 )
 from intel_compressor_test import (
+    DRIFT_REFERENCE,
     DataError,
     LongText,
     aggregate_windows,
+    drift_reference,
     long_text_from,
     model_inputs,
     ood_scores,
@@ -792,6 +794,19 @@ def fold_temperature(model: nn.Module, temperature: float) -> None:
     head.bias.div_(temperature)
 
 
+def validation_drift_reference(
+    run: PreparedRun, served_logits: torch.Tensor, ood: np.ndarray, ood_threshold: float, model_config: Any
+) -> dict:
+    """drift_reference.json of best_model/: what the calibrated best model predicts on validation (the
+    predicted-label shares, the share out of scope, ood_score quantiles), which a server compares its
+    traffic with."""
+    probs = probabilities(served_logits, run.space.task)
+    multilabel = run.space.task == "multilabel"
+    threshold = float(getattr(model_config, "multilabel_threshold", 0.5))
+    label_sets = predicted_label_sets(probs, run.space.labels, multilabel, threshold)
+    return drift_reference(label_sets, run.space.labels, ood, ood_threshold)
+
+
 def calibrate_best_model(run: PreparedRun, best_dir: Path) -> dict[str, float | str]:
     """After training, on the validation split: fit the temperature (single-label) and fold it into
     best_model/, and choose the out-of-scope threshold that keeps --in_scope_share of the validation
@@ -828,6 +843,7 @@ def calibrate_best_model(run: PreparedRun, best_dir: Path) -> dict[str, float | 
     }
     if run.processes.is_main:
         kept = {name: json.loads((best_dir / name).read_text()) for name in ("metrics.json", "training_config.json")}
+        kept[DRIFT_REFERENCE] = validation_drift_reference(run, logits / temperature, scores, threshold, model.config)
         save_model_directory(model, run.tokenizer, best_dir, kept)
         ece = f" (validation ECE {entry['ece_before']:.4f} -> {entry['ece_after']:.4f})" if not multilabel else ""
         print(

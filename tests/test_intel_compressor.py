@@ -79,6 +79,7 @@ def test_report_has_fp32_onnxruntime_and_inc_side_by_side(banking_runs):
     # directories hold the same 0.7 MiB tokenizer.json (MiniLM's int8 directory is 26% of fp32)
     assert report["size_bytes"]["int8"] < 0.45 * report["size_bytes"]["fp32"]
     assert sorted(p.name for p in banking_runs["int8"].iterdir()) == [
+        "drift_reference.json",
         "edge_config.json",
         "model.onnx",
         "quantization_report.json",
