@@ -208,6 +208,20 @@ class EdgeClassifier:
         return predicted_label_sets(probs, self.labels, self.multilabel, self.threshold)
 
 
+def classifier_settings(classifier: EdgeClassifier) -> dict:
+    """What an edge_config.json records of a classifier (and serve.py's /info shows)."""
+    return {
+        "labels": classifier.labels,
+        "task": "multilabel" if classifier.multilabel else "single_label",
+        "threshold": classifier.threshold,
+        "max_length": classifier.max_length,
+        **long_text_settings(classifier.long_text),
+        "calibration_temperature": classifier.temperature,
+        "ood_threshold": classifier.ood_threshold if np.isfinite(classifier.ood_threshold) else None,
+        "pad_token_id": classifier.pad_token_id,
+    }
+
+
 def predicted_label_sets(probs: np.ndarray, labels: list[str], multilabel: bool, threshold: float) -> list[list[str]]:
     """The predicted label(s) of each row: multi-label, every label at or above the tuned threshold;
     otherwise the most probable label."""
@@ -240,9 +254,11 @@ def pad(rows: list[list[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarra
 # ---------------------------------------------------------------------------------------
 
 
-def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def onnx_forward(path: Path, threads: int = 0, spin: bool = True) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """The forward function of an EdgeClassifier for an ONNX model with inputs (input_ids,
-    attention_mask) and logits as its first output. threads 0: ONNX Runtime's default."""
+    attention_mask) and logits as its first output. threads 0: ONNX Runtime's default. spin False:
+    its threads sleep as soon as a run ends instead of spinning for the next (ONNX Runtime's default,
+    fastest for back-to-back runs), leaving the cores to other work of the process (a server's)."""
     import onnxruntime
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         Fail,
@@ -255,6 +271,8 @@ def onnx_forward(path: Path, threads: int = 0) -> Callable[[np.ndarray, np.ndarr
     options = onnxruntime.SessionOptions()
     if threads > 0:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf, NoSuchFile) as error:
@@ -343,7 +361,7 @@ def long_text_from(settings: dict, max_length: int) -> LongText:
     )
 
 
-def load_int8(directory: Path, threads: int) -> EdgeClassifier:
+def load_int8(directory: Path, threads: int, spin: bool = True) -> EdgeClassifier:
     config = read_json(directory / EDGE_CONFIG)
     if config.get("format") != "onnx":
         raise DataError(
@@ -359,7 +377,7 @@ def load_int8(directory: Path, threads: int) -> EdgeClassifier:
         long_text=long_text_from(config, config["max_length"]),
         pad_token_id=config["pad_token_id"],
         tokenizer=tokenizer_from_directory(directory),
-        forward=onnx_forward(directory / MODEL_FILE, threads),
+        forward=onnx_forward(directory / MODEL_FILE, threads, spin),
         kind="int8",
         **out_of_scope_settings(config),
     )
@@ -431,14 +449,15 @@ def load_fp32(directory: Path) -> EdgeClassifier:
     )
 
 
-def load_classifier(directory: str | Path, threads: int = 0) -> EdgeClassifier:
-    """An int8 directory from intel_compressor.py, or an fp32 best-model directory. threads: of ONNX
-    Runtime (0: its default, one per core); the fp32 path follows OMP_NUM_THREADS (set_threads)."""
+def load_classifier(directory: str | Path, threads: int = 0, spin: bool = True) -> EdgeClassifier:
+    """An int8 directory from intel_compressor.py, or an fp32 best-model directory. threads and spin:
+    of ONNX Runtime (threads 0: its default, one per core; see onnx_forward); the fp32 path follows
+    OMP_NUM_THREADS (set_threads)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"--model {directory}: no such directory")
     if (directory / EDGE_CONFIG).is_file():
-        return load_int8(directory, threads)
+        return load_int8(directory, threads, spin)
     if (directory / "config.json").is_file():
         return load_fp32(directory)
     raise DataError(f"--model {directory}: not a model directory (no {EDGE_CONFIG} or config.json)")
@@ -499,20 +518,22 @@ class DriftWindow:
     def __init__(self, reference: dict, size: int = 0):
         self.reference, self.size = reference, size
         self.labels = reference["labels"][:-1]
-        self.recent: deque[tuple[np.ndarray, bool]] = deque()
+        self.index = {label: i for i, label in enumerate(self.labels)}
+        self.none = len(self.labels)  # the bucket of texts with no label
+        self.recent: deque[tuple[list[int], bool]] = deque()
         self.counts, self.texts, self.out_of_scope = np.zeros(len(self.labels) + 1), 0, 0
 
     def add(self, label_sets: list[list[str]], out_of_scope: list[bool]) -> None:
         for predicted, flagged in zip(label_sets, out_of_scope, strict=True):
-            counts = label_counts([predicted], self.labels)
-            self.counts += counts
+            buckets = [self.index[label] for label in predicted] or [self.none]
+            self.counts[buckets] += 1
             self.texts += 1
             self.out_of_scope += bool(flagged)
             if self.size:
-                self.recent.append((counts, bool(flagged)))
+                self.recent.append((buckets, bool(flagged)))
                 if len(self.recent) > self.size:
                     old, old_flag = self.recent.popleft()
-                    self.counts -= old
+                    self.counts[old] -= 1
                     self.texts -= 1
                     self.out_of_scope -= old_flag
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -50,15 +51,16 @@ from intel_compressor_test import (
     EdgeClassifier,
     HelpFormatter,
     aggregate_windows,
+    classifier_settings,
     cpu_description,
     load_classifier,
-    long_text_settings,
     ood_scores,
     pad,
     read_drift_reference,
     run_cli,
 )
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one text at a time: no tokenizer thread pool to wake
 WARM_UP_TEXTS = ["warm up", "a slightly longer text to warm the model up with"]
 LIMITS = ("max_batch_texts", "max_batch_tokens", "max_wait_ms", "max_queue", "max_client_texts", "max_body_bytes")
 
@@ -102,6 +104,27 @@ class RequestError(Exception):
 # ---------------------------------------------------------------------------------------
 # The batcher: one queue of model inputs, one worker thread running the model
 # ---------------------------------------------------------------------------------------
+
+
+# What one more model call costs, in padded tokens (one token of one row): on the default int8 MiniLM
+# (2 threads, AMD Zen 4) a call took 1-2 ms plus 62-66 us a padded token at 16-64 tokens and 1-32 rows.
+CALL_COST_TOKENS = 24
+
+
+def padded_runs(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[tuple[int, int]]:
+    """Split inputs sorted by length into runs [start, end) that minimise the padded tokens (each run
+    padded to its longest) plus call_cost a run: a dynamic programme over the split points."""
+    best, back = [0] + [None] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for start in range(max(0, end - 64), end):  # runs of up to 64 inputs: enough, and quick for 256
+            cost = best[start] + (end - start) * lengths[end - 1] + call_cost
+            if best[end] is None or cost < best[end]:
+                best[end], back[end] = cost, start
+    runs, end = [], len(lengths)
+    while end:
+        runs.append((back[end], end))
+        end = back[end]
+    return runs[::-1]
 
 
 @dataclass
@@ -176,7 +199,16 @@ class Batcher:
                 return
 
     def forward(self, rows: list[tuple[Pending, int]]) -> np.ndarray:
-        return self.classifier.forward(*pad([pending.ids[i] for pending, i in rows], self.classifier.pad_token_id))
+        """Logits of the batch's inputs, in its order: run sorted by length, in the runs of similar
+        length that padded_runs chooses (a batch of mixed lengths padded to its longest costs up to
+        2.5x more on BANKING77's texts)."""
+        ids = [pending.ids[i] for pending, i in rows]
+        order = sorted(range(len(ids)), key=lambda k: len(ids[k]))
+        logits = np.empty((len(ids), len(self.classifier.labels)), dtype=np.float32)
+        for start, end in padded_runs([len(ids[k]) for k in order]):
+            part = order[start:end]
+            logits[part] = self.classifier.forward(*pad([ids[k] for k in part], self.classifier.pad_token_id))
+        return logits
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -242,6 +274,12 @@ class Metrics:
         for label in labels:
             self.predictions.labels(label)
 
+    def watch(self, drift: DriftWindow) -> None:
+        """The drift gauges read the window when /metrics is scraped, not at every request."""
+        self.oos_share.set_function(lambda: drift.summary()["out_of_scope_share"])
+        self.oos_expected.set_function(lambda: drift.summary()["expected_out_of_scope_share"])
+        self.label_psi.set_function(lambda: drift.summary()["label_psi"])
+
     def record(self, label_sets: list[list[str]], flagged: list[bool], drift: DriftWindow | None) -> None:
         self.texts.inc(len(label_sets))
         self.out_of_scope.inc(sum(flagged))
@@ -250,10 +288,6 @@ class Metrics:
                 self.predictions.labels(label).inc()
         if drift is not None:
             drift.add(label_sets, flagged)
-            summary = drift.summary()
-            self.oos_share.set(summary["out_of_scope_share"])
-            self.oos_expected.set(summary["expected_out_of_scope_share"])
-            self.label_psi.set(summary["label_psi"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,13 +344,7 @@ def model_info(classifier: EdgeClassifier, directory: Path, args: argparse.Names
     return {
         "model": str(directory),
         "kind": classifier.kind,
-        "task": "multilabel" if classifier.multilabel else "single_label",
-        "labels": classifier.labels,
-        "threshold": classifier.threshold,
-        "max_length": classifier.max_length,
-        **long_text_settings(classifier.long_text),
-        "ood_threshold": classifier.ood_threshold if np.isfinite(classifier.ood_threshold) else None,
-        "calibration_temperature": classifier.temperature,
+        **classifier_settings(classifier),
         "versions": {"onnxruntime": version("onnxruntime"), "tokenizers": version("tokenizers")},
         "limits": {name: getattr(args, name) for name in LIMITS},
         "cpu": cpu_description(),
@@ -360,6 +388,8 @@ def create_app(args: argparse.Namespace, classifier: EdgeClassifier):
     metrics = Metrics(classifier.labels)
     reference = read_drift_reference(directory)
     drift = DriftWindow(reference, args.drift_window) if reference else None
+    if drift is not None:
+        metrics.watch(drift)
     info = model_info(classifier, directory, args)
     state = {"ready": False}
 

@@ -86,3 +86,10 @@ def interrupt_after_checkpoint(monkeypatch, step: int) -> None:
         return path
 
     monkeypatch.setattr(manual_classification, "save_training_state", save_then_interrupt)
+
+
+def answered_probabilities(predictions: list[dict], labels: list[str]) -> list[list[float]]:
+    """serve.py's /predict answers asked with top_k = every label: each text's probabilities in label order."""
+    return [
+        [{item["label"]: item["probability"] for item in p["top_k"]}[label] for label in labels] for p in predictions
+    ]

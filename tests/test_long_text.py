@@ -208,3 +208,30 @@ def test_a_100000_character_text_goes_through_the_edge_in_flat_memory(windows_ru
     classifier.probabilities([long], 16)
     tokens = len(classifier.tokenizer.encode(long, add_special_tokens=False).ids)
     assert tokens > 20_000 and sum(rows_read) == len(window_starts(tokens, 62, 32))  # every window read
+
+
+def test_the_server_reads_windows_as_the_edge_runner_does(windows_runs, imdb_slice):
+    """Every window of a long review is a model input of the batcher (and counts in its batches); the
+    answer per review combines them as the edge runner does."""
+    import httpx
+
+    from benchmarks.serving import Server, metric
+
+    best = windows_runs["manual"].run_dir / "best_model"
+    texts = pd.read_csv(imdb_slice[1])["text"].tolist()
+    edge, rows_read = counting_rows(load_classifier(best))
+    expected = edge.probabilities(texts)
+    server = Server(best, "--max_batch_texts=8")
+    try:
+        answers = httpx.post(f"{server.url}/predict", json={"texts": texts, "top_k": 2}, timeout=60).json()
+        page = httpx.get(f"{server.url}/metrics").text
+    finally:
+        assert server.stop()[0] == 0
+    got = [
+        [{i["label"]: i["probability"] for i in a["top_k"]}[label] for label in edge.labels]
+        for a in answers["predictions"]
+    ]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    windows = sum(rows_read)
+    assert metric(page, "batch_size_sum") == windows + 2  # every window once; the 2 warm-up texts
+    assert metric(page, "batch_size_count") >= windows / 8

@@ -28,6 +28,7 @@ from intel_compressor_test import (
     population_stability_index,
     predicted_label_sets,
 )
+from tests.helpers import answered_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,6 @@ def test_texts(banking_runs) -> list[str]:
     return pd.read_csv(banking_runs["test"])["text"].tolist()
 
 
-def all_probabilities(answer: dict, labels: list[str]) -> list[float]:
-    by_label = {item["label"]: item["probability"] for item in answer["top_k"]}
-    return [by_label[label] for label in labels]
-
-
 def test_predict_answers_what_the_edge_runner_answers(served, banking_runs, test_texts):
     edge = load_classifier(banking_runs["int8"])
     probs, ood = edge.predictions(test_texts)
@@ -54,7 +50,7 @@ def test_predict_answers_what_the_edge_runner_answers(served, banking_runs, test
     assert response.status_code == 200
     answers = response.json()["predictions"]
     assert len(answers) == len(test_texts) == 50
-    got = np.array([all_probabilities(a, edge.labels) for a in answers])
+    got = np.array(answered_probabilities(answers, edge.labels))
     np.testing.assert_allclose(got, probs, atol=1e-5)
     assert [[item["label"] for item in a["labels"]] for a in answers] == edge.predicted_labels(probs)
     np.testing.assert_allclose([a["ood_score"] for a in answers], ood, atol=1e-3)
@@ -75,7 +71,7 @@ def test_64_concurrent_requests_are_answered_and_batched(served, banking_runs, t
     responses = asyncio.run(concurrent_posts(served.url, [{"text": text, "top_k": 5} for text in texts]))
     assert [r.status_code for r in responses] == [200] * 64
     edge = load_classifier(banking_runs["int8"])
-    got = np.array([all_probabilities(r.json()["predictions"][0], edge.labels) for r in responses])
+    got = np.array(answered_probabilities([r.json()["predictions"][0] for r in responses], edge.labels))
     np.testing.assert_allclose(got, edge.probabilities(texts), atol=1e-5)
     after = httpx.get(f"{served.url}/metrics").text
     batches = metric(after, "batch_size_count") - metric(before, "batch_size_count")
