@@ -33,7 +33,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -135,12 +135,9 @@ class Pending:
     owners: np.ndarray  # the request's text each input belongs to
     texts: int
     future: asyncio.Future
-    logits: np.ndarray = field(init=False)
+    logits: np.ndarray  # (inputs, labels)
     taken: int = 0  # inputs handed to a batch so far
     scored: int = 0  # inputs whose logits are in
-
-    def __post_init__(self):
-        self.logits = np.empty((len(self.ids), 0), dtype=np.float32)
 
 
 class Batcher:
@@ -156,9 +153,12 @@ class Batcher:
     def submit(self, texts: list[str]) -> asyncio.Future:
         """Queue a request's texts; its future gets (logits per text) once every input is scored."""
         ids, owners = self.classifier.inputs(texts)
+        if len(ids) > self.args.max_queue:  # windows of long texts: more than the queue ever holds
+            raise RequestError(413, f"texts: {len(ids)} model inputs, more than --max_queue {self.args.max_queue}")
         if self.queued + len(ids) > self.args.max_queue:
             raise RequestError(429, f"queue full ({self.queued} inputs waiting); retry shortly", {"Retry-After": "1"})
-        pending = Pending(ids, owners, len(texts), asyncio.get_running_loop().create_future())
+        logits = np.empty((len(ids), len(self.classifier.labels)))
+        pending = Pending(ids, owners, len(texts), asyncio.get_running_loop().create_future(), logits)
         self.queue.append(pending)
         self.queued += len(ids)
         self.arrived_while_busy |= self.busy
@@ -233,8 +233,6 @@ class Batcher:
 
     def deliver(self, rows: list[tuple[Pending, int]], logits: np.ndarray) -> None:
         for (pending, i), row in zip(rows, logits, strict=True):
-            if pending.logits.shape[1] == 0:
-                pending.logits = np.empty((len(pending.ids), logits.shape[1]), dtype=np.float64)
             pending.logits[i] = row
             pending.scored += 1
             if pending.scored == len(pending.ids) and not pending.future.done():
@@ -340,12 +338,28 @@ def answers(classifier: EdgeClassifier, logits: np.ndarray, top_k: int | None) -
     return out
 
 
+def built_with(directory: Path) -> dict[str, str]:
+    """The versions an int8 directory was quantized with (its quantization_report.json), if it says."""
+    report = directory / "quantization_report.json"
+    if not report.is_file():
+        return {}
+    figures = json.loads(report.read_text())
+    return {f"built with {name}": figures[key] for name, key in (
+        ("INC", "inc_version"), ("onnxruntime", "onnxruntime_version"), ("torch", "torch_version")
+    ) if key in figures}  # fmt: skip
+
+
 def model_info(classifier: EdgeClassifier, directory: Path, args: argparse.Namespace) -> dict:
     return {
         "model": str(directory),
         "kind": classifier.kind,
+        "format": "onnx" if classifier.kind == "int8" else "transformers",
         **classifier_settings(classifier),
-        "versions": {"onnxruntime": version("onnxruntime"), "tokenizers": version("tokenizers")},
+        "versions": {
+            "onnxruntime": version("onnxruntime"),
+            "tokenizers": version("tokenizers"),
+            **built_with(directory),
+        },
         "limits": {name: getattr(args, name) for name in LIMITS},
         "cpu": cpu_description(),
     }

@@ -220,8 +220,13 @@ def test_multilabel_weight_only_writes_labels_above_the_tuned_threshold(nlupp_ru
     probs = out[[f"prob_{label}" for label in model.labels]].to_numpy()
     above = [";".join(np.array(model.labels)[row >= model.threshold]) for row in probs]
     assert out["predicted"].tolist() == above
-    fp32 = intel_compressor_test.load_classifier(best).probabilities(out["text"].tolist())
-    assert np.abs(probs - fp32).max() < 0.05  # int8 weights, fp32 activations: close to fp32
+    fp32_model = intel_compressor_test.load_classifier(best)
+    fp32 = fp32_model.probabilities(out["text"].tolist())
+    # 4-bit weights of the real MiniLM, fp32 activations: probabilities move by 0.006 on average, and
+    # 80% of the texts keep fp32's exact label set (measured; a model that ignored its weights keeps none)
+    assert np.abs(probs - fp32).mean() < 0.01
+    same = [a == b for a, b in zip(model.predicted_labels(probs), fp32_model.predicted_labels(fp32), strict=True)]
+    assert np.mean(same) >= 0.75
 
 
 def test_edge_refuses_a_directory_of_another_format(banking_runs, tmp_path):

@@ -233,5 +233,5 @@ def test_the_server_reads_windows_as_the_edge_runner_does(windows_runs, imdb_sli
     ]
     np.testing.assert_allclose(got, expected, atol=1e-5)
     windows = sum(rows_read)
-    assert metric(page, "batch_size_sum") == windows + 2  # every window once; the 2 warm-up texts
+    assert windows > 3 * len(texts) and metric(page, "batch_size_sum") == windows  # every window, once
     assert metric(page, "batch_size_count") >= windows / 8

@@ -7,12 +7,14 @@ what is in flight and exits 0; the drift gauges follow a hand-made reference."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -106,7 +108,7 @@ def test_bad_input_gets_its_status_and_one_line_and_the_server_goes_on(served, b
     assert httpx.post(f"{served.url}/predict", json={"text": "my card is lost"}).status_code == 200
 
 
-def test_other_routes_answer_json_errors_too(served):
+def test_other_routes_answer_json_errors_too(served, banking_runs):
     for response, status in (
         (httpx.get(f"{served.url}/predict"), 405),
         (httpx.get(f"{served.url}/nowhere"), 404),
@@ -114,7 +116,8 @@ def test_other_routes_answer_json_errors_too(served):
         assert response.status_code == status and list(response.json()) == ["error"]
     assert httpx.get(f"{served.url}/health").json() == {"status": "ok"}
     info = httpx.get(f"{served.url}/info").json()
-    assert info["kind"] == "int8" and len(info["labels"]) == 5 and info["long_text"] == "head_tail"
+    assert (info["kind"], info["format"], len(info["labels"]), info["long_text"]) == ("int8", "onnx", 5, "head_tail")
+    assert info["versions"]["built with INC"] == banking_runs["report"]["inc_version"]
     assert "/predict" in httpx.get(f"{served.url}/openapi.json").json()["paths"]
 
 
@@ -151,43 +154,74 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(banking_runs, test_t
     assert code == 0, stderr
 
 
-def test_ready_is_503_until_the_model_is_warm(banking_runs):
-    """In this process, so the warm-up can be held back: the classifier's first call waits for an event."""
+@contextlib.contextmanager
+def served_in_this_process(model: Path, classifier):
+    """serve.create_app around `classifier` (its forward wrapped by the test) under uvicorn in a thread
+    on a free port; the URL once uvicorn listens."""
     import uvicorn
 
     import serve
 
-    classifier = load_classifier(banking_runs["int8"])
-    warm = threading.Event()
-    real_forward = classifier.forward
-
-    def held_forward(input_ids, mask):
-        warm.wait(30)
-        return real_forward(input_ids, mask)
-
     port = free_port()
-    args = serve.build_parser().parse_args([f"--model={banking_runs['int8']}", f"--port={port}"])
-    app = serve.create_app(args, dataclasses.replace(classifier, forward=held_forward))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    args = serve.build_parser().parse_args([f"--model={model}", f"--port={port}"])
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(args, classifier), port=port, log_level="critical"))
     thread = threading.Thread(target=server.run)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert httpx.get(f"{url}/health").status_code == 200  # alive, not ready
-        assert httpx.get(f"{url}/ready").status_code == 503
-        early = httpx.post(f"{url}/predict", json={"text": "my card is lost"})
-        assert early.status_code == 503 and "not ready" in early.json()["error"]
-        warm.set()
-        while httpx.get(f"{url}/ready").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert httpx.post(f"{url}/predict", json={"text": "my card is lost"}).status_code == 200
+        yield f"http://127.0.0.1:{port}"
     finally:
-        warm.set()
         server.should_exit = True
         thread.join(30)
+
+
+def until_ready(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{url}/ready").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_ready_is_503_until_the_model_is_warm(banking_runs):
+    """The warm-up is held back: the classifier's first call waits for an event."""
+    classifier = load_classifier(banking_runs["int8"])
+    warm = threading.Event()
+
+    def held_forward(input_ids, mask):
+        warm.wait(30)
+        return classifier.forward(input_ids, mask)
+
+    try:
+        with served_in_this_process(banking_runs["int8"], dataclasses.replace(classifier, forward=held_forward)) as url:
+            assert httpx.get(f"{url}/health").status_code == 200  # alive, not ready
+            assert httpx.get(f"{url}/ready").status_code == 503
+            early = httpx.post(f"{url}/predict", json={"text": "my card is lost"})
+            assert early.status_code == 503 and "not ready" in early.json()["error"]
+            warm.set()
+            until_ready(url)
+            assert httpx.post(f"{url}/predict", json={"text": "my card is lost"}).status_code == 200
+    finally:
+        warm.set()
+
+
+def test_a_failing_model_call_answers_503_in_one_line_and_the_server_goes_on(banking_runs):
+    classifier = load_classifier(banking_runs["int8"])
+    poisoned = classifier.tokenizer.encode("poison", add_special_tokens=False).ids[0]
+
+    def failing_forward(input_ids, mask):
+        if (input_ids == poisoned).any():
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory\nat line 2")
+        return classifier.forward(input_ids, mask)
+
+    with served_in_this_process(banking_runs["int8"], dataclasses.replace(classifier, forward=failing_forward)) as url:
+        until_ready(url)
+        failed = httpx.post(f"{url}/predict", json={"text": "poison"})
+        assert failed.status_code == 503
+        assert failed.json() == {
+            "error": "the model failed: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : out of memory"
+        }
+        assert httpx.post(f"{url}/predict", json={"text": "my card is lost"}).status_code == 200
 
 
 def test_drift_gauges_against_a_hand_made_reference(banking_runs, test_texts, tmp_path):
