@@ -94,8 +94,10 @@ class Config:
     head_init: str = _arg(
         "probe",
         "probe: before fine-tuning, fit the classification layer as a linear probe on the frozen model's features "
-        "of the training texts, with the task's loss (LP-FT, Kumar et al. 2022); random: transformers' initialisation.",
-        choices=["probe", "random"],
+        "of the training texts, with the task's loss (LP-FT, Kumar et al. 2022); random: transformers' "
+        "initialisation; checkpoint: keep the classification layer of --model_name_or_path, a classifier of the "
+        "same labels (the default when a student is cut from its --teacher).",
+        choices=["probe", "random", "checkpoint"],
     )
     probe_c: float = _arg(
         0.01,
@@ -105,6 +107,30 @@ class Config:
     )
     reduce_ratio: float = _arg(1.0, "Use this fraction of each split (stratified, seeded) for quick runs.")
     valid_size: float = _arg(0.1, "Fraction of training data held out for validation when no validation_file.")
+
+    # --- distillation (manual_classification.py) ---
+    teacher: str = _arg(
+        "",
+        "A fine-tuned best_model/ directory of the same labels to distil from; the student is --model_name_or_path "
+        "(default: the teacher's own directory, its head kept) cut to --student_layers. Empty: no distillation.",
+    )
+    student_layers: str = _arg(
+        "",
+        "Encoder layers of --model_name_or_path the model keeps: a count spread from the bottom to the top layer "
+        "(3 of 6: 0,2,5) or comma-separated indices (0,1,5; one index: 4,). Empty: all. Works without --teacher "
+        "too (a layer-dropped model fine-tuned on the labels alone).",
+    )
+    distill_alpha: float = _arg(
+        0.5, "Weight of the teacher's soft targets in the loss: (1 - alpha) x task loss + alpha x soft-target loss."
+    )
+    distill_temperature: float = _arg(
+        2.0, "T softening teacher and student predictions in the soft-target loss (scaled by T^2)."
+    )
+    distill_hidden_weight: float = _arg(
+        0.0,
+        "Weight of the MSE between each student layer's output and its teacher layer's (the same tokenizer and "
+        "hidden size needed); 0: logits only.",
+    )
 
     # --- optimisation ---
     batch_size: int = _arg(32, "Examples per forward pass (train and eval).")
@@ -231,8 +257,13 @@ def defaults_implied_by(config: Config, given: set[str]) -> Config:
     """What the user typed wins over a default that would contradict it:
     - --train_file without --validation_file / --test_file: the embedded BANKING77 validation and test
       files cannot fit another training file, so validation is split off it and there is no test;
-    - --epochs without --min_steps: exactly that many epochs (the step budget applies to the default)."""
+    - --epochs without --min_steps: exactly that many epochs (the step budget applies to the default);
+    - --teacher without --model_name_or_path: the student is cut from the teacher itself, its head kept."""
     changes: dict[str, object] = {}
+    if "teacher" in given and config.teacher and "model_name_or_path" not in given:
+        changes["model_name_or_path"] = config.teacher
+        if "head_init" not in given:
+            changes["head_init"] = "checkpoint"
     if "train_file" in given:
         changes.update({name: "" for name in ("validation_file", "test_file") if name not in given})
     if "epochs" in given and "min_steps" not in given:
@@ -305,5 +336,21 @@ def check_config(config: Config) -> None:
             raise DataError(f"--{name} must not be negative, got {getattr(config, name)}")
     if config.freeze_layers < 0 or config.freeze_epochs < 0:
         raise DataError("--freeze_layers and --freeze_epochs must not be negative")
+    check_distillation(config)
     if config.device not in {"auto", "cpu", "cuda"} and not config.device.startswith("cuda:"):
         raise DataError(f"--device must be auto, cpu or cuda, got {config.device!r}")
+
+
+def check_distillation(config: Config) -> None:
+    if config.teacher and not Path(config.teacher).is_dir():
+        raise DataError(f"--teacher {config.teacher}: no such directory (give a best_model/ directory)")
+    if not 0 <= config.distill_alpha <= 1:
+        raise DataError(f"--distill_alpha must be in [0, 1], got {config.distill_alpha}")
+    if config.distill_temperature <= 0:
+        raise DataError(f"--distill_temperature must be positive, got {config.distill_temperature}")
+    if config.distill_hidden_weight < 0:
+        raise DataError(f"--distill_hidden_weight must not be negative, got {config.distill_hidden_weight}")
+    defaults = Config()
+    for name in ("distill_alpha", "distill_temperature", "distill_hidden_weight"):
+        if not config.teacher and getattr(config, name) != getattr(defaults, name):
+            raise DataError(f"--{name} needs --teacher (a model to distil from)")

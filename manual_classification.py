@@ -3,13 +3,15 @@
     python manual_classification.py                    # all-MiniLM-L6-v2 on BANKING77, offline
     python manual_classification.py --train_file reviews.csv --text_column review --label_column stars
     python manual_classification.py --run_name reviews --resume     # continue an interrupted run
+    python manual_classification.py --teacher outputs/default/best_model --student_layers 3   # distil
 
 Binary tasks train BCE-with-logits (pos_weight = negatives/positives), multi-class tasks
 cross-entropy, multi-label tasks per-label BCE on hard or soft (0..1) targets. The head starts as
 a linear probe fitted on the frozen model's features (LP-FT), small data trains at least
 --min_steps optimizer steps, the lower layers are frozen for the first epochs, the best
 checkpoint by validation metric is kept, its probabilities are calibrated (a temperature) and
-given an out-of-scope threshold, and the run ends by testing that checkpoint. Outputs go to
+given an out-of-scope threshold, and the run ends by testing that checkpoint. With --teacher, a
+student with fewer layers learns from a fine-tuned model's predictions too (distillation.py). Outputs go to
 <output_dir>/<run_name>/, TensorBoard logs to runs/<run_name>/. A training state is saved after
 every epoch (and every --eval_steps), so a resumed run continues exactly: same batches, same losses.
 """
@@ -29,6 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from configs import checkpoint_to_resume, parse_config
 from data_functions import write_json
+from distillation import build_distiller
 from intel_compressor_test import run_cli
 from utility_functions import (
     ClassificationLoss,
@@ -140,6 +143,10 @@ def main(argv: list[str] | None = None) -> RunResult:
 
     loss_fn = build_loss(run.space, run.train_data.targets, config).to(device)
     model = build_model(run, loss_fn)
+    distiller = None
+    if config.teacher:
+        distiller, described = build_distiller(run, loss_fn, model)  # before the loader: it adds the teacher's logits
+        say(described)
     loader = train_loader(run)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     optimizer = build_optimizer(model, config, device)
@@ -208,8 +215,12 @@ def main(argv: list[str] | None = None) -> RunResult:
                 # gradients are averaged across processes on the step's last micro-batch only
                 with trained.no_sync() if not ends_step and trained is not model else nullcontext():
                     with autocast(device):
-                        logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = loss_fn(logits, batch["labels"])
+                        output = trained(
+                            input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"],
+                            output_hidden_states=distiller is not None and distiller.wants_hidden_states,
+                        )
+                    loss = loss_fn(output.logits, batch["labels"]) if distiller is None else distiller(output, batch)
                     scaler.scale(loss / config.gradient_accumulation_steps).backward()
                 step_loss += loss.item()
                 micro_batches += 1

@@ -24,7 +24,7 @@ from transformers.integrations import TensorBoardCallback
 
 from configs import Config, checkpoint_to_resume, parse_config
 from data_functions import LabelSpace, write_json
-from intel_compressor_test import run_cli
+from intel_compressor_test import DataError, run_cli
 from utility_functions import (
     ClassificationLoss,
     EncodedDataset,
@@ -183,6 +183,8 @@ def validation_history(log_history: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> RunResult:
     config = parse_config(argv, description=__doc__)
+    if config.teacher:
+        raise DataError("--teacher: distillation runs in manual_classification.py; this script does not distil")
     run = prepare_run(config)  # reads and checks every split before anything is written
     config, processes = run.config, run.processes
     say = print if processes.is_main else lambda *args, **kwargs: None

@@ -76,12 +76,16 @@ class EncodedDataset(torch.utils.data.Dataset):
         self.targets = targets
         self.owners = np.arange(len(input_ids)) if owners is None else owners
         self.aggregation = aggregation
+        self.teacher_logits: np.ndarray | None = None  # one row per input when distilling (distillation.py)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[i], "labels": self.targets[self.owners[i]]}
+        item = {"input_ids": self.input_ids[i], "labels": self.targets[self.owners[i]]}
+        if self.teacher_logits is not None:
+            item["teacher_logits"] = self.teacher_logits[i]
+        return item
 
     @property
     def lengths(self) -> list[int]:
@@ -133,7 +137,8 @@ def sampled_windows(owners: np.ndarray, most: int, seed: int) -> np.ndarray:
 
 
 class PaddingCollator:
-    """Pad a batch to its longest member (or to `pad_to`), build the attention mask, stack targets."""
+    """Pad a batch to its longest member (or to `pad_to`), build the attention mask, stack targets
+    (and the teacher's logits, when distilling)."""
 
     def __init__(self, pad_token_id: int, pad_to: int | None = None):
         self.pad_token_id = pad_token_id
@@ -147,8 +152,14 @@ class PaddingCollator:
             ids = feature["input_ids"]
             input_ids[row, : len(ids)] = torch.as_tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        labels = torch.as_tensor(np.stack([f["labels"] for f in features]))
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": stacked(features, "labels")}
+        if "teacher_logits" in features[0]:
+            batch["teacher_logits"] = stacked(features, "teacher_logits")
+        return batch
+
+
+def stacked(features: list[dict[str, Any]], key: str) -> torch.Tensor:
+    return torch.as_tensor(np.stack([f[key] for f in features]))
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
@@ -421,6 +432,48 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
             "(needs base_model.embeddings and encoder.layer); run with --freeze_epochs 0"
         )
     return embeddings, layers
+
+
+def student_layer_indices(spec: str, available: int) -> list[int]:
+    """The encoder layers a student keeps, from --student_layers: empty, all of them; one number, that
+    many spread evenly from the bottom layer to the top one (3 of 6: 0, 2, 5); a comma-separated list,
+    those indices (a single index: "4,")."""
+    if not spec.strip():
+        return list(range(available))
+    option = f"--student_layers {spec}"
+    try:
+        numbers = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise DataError(f"{option}: expected a layer count or comma-separated layer indices") from None
+    if "," not in spec:
+        count = numbers[0]
+        if not 1 <= count <= available:
+            raise DataError(f"{option}: a count must be in 1..{available} (the model's encoder layers)")
+        return [0] if count == 1 else [round(i * (available - 1) / (count - 1)) for i in range(count)]
+    if not numbers:
+        raise DataError(f"{option}: no layer index given")
+    outside = [i for i in numbers if not 0 <= i < available]
+    if outside:
+        raise DataError(f"{option}: layer {outside[0]} is out of range; the model has layers 0..{available - 1}")
+    if len(set(numbers)) != len(numbers):
+        raise DataError(f"{option}: layer {next(i for i in numbers if numbers.count(i) > 1)} is repeated")
+    if numbers != sorted(numbers):
+        raise DataError(f"{option}: list the layers from the bottom up, e.g. {','.join(map(str, sorted(numbers)))}")
+    return numbers
+
+
+def keep_layers(model: nn.Module, indices: list[int]) -> None:
+    """Cut the encoder down to the layers at `indices` (their weights untouched), so the model saves
+    and loads as an ordinary Hugging Face model with `num_hidden_layers = len(indices)`."""
+    _, layers = encoder_parts(model)
+    kept = [layers[i] for i in indices]
+    for position, layer in enumerate(kept):
+        for module in layer.modules():  # attention's cache slot, where the architecture keeps one
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = position
+    del layers[:]  # in place: the encoder keeps its own ModuleList
+    layers.extend(kept)
+    model.config.num_hidden_layers = len(indices)
 
 
 def set_lower_layers_trainable(model: nn.Module, num_layers: int, trainable: bool) -> None:
@@ -962,13 +1015,34 @@ def prepare_run(config: Config) -> PreparedRun:
 
 
 def build_model(run: PreparedRun, loss_fn: ClassificationLoss) -> nn.Module:
-    """The model to fine-tune, on the run's device: the checkpoint with the run's label map, its
-    classification layer fitted as a linear probe (--head_init probe; not when resuming, where the
-    checkpoint's weights replace it)."""
-    model = load_model_for_training(run.config.model_name_or_path, run.space).to(run.device)
-    if run.config.head_init == "probe" and not run.config.resume:
+    """The model to fine-tune, on the run's device: the checkpoint with the run's label map, cut to
+    --student_layers, its classification layer fitted as a linear probe (--head_init probe; not when
+    resuming, where the checkpoint's weights replace it) or kept (--head_init checkpoint)."""
+    config = run.config
+    if config.head_init == "checkpoint":
+        require_labels_of(run, config.model_name_or_path, "--head_init checkpoint: --model_name_or_path")
+    model = load_model_for_training(config.model_name_or_path, run.space)
+    if config.student_layers:
+        kept = student_layer_indices(config.student_layers, len(encoder_parts(model)[1]))
+        keep_layers(model, kept)
+        print(f"kept encoder layers {', '.join(map(str, kept))} of {config.model_name_or_path}")
+    model = model.to(run.device)
+    if config.head_init == "probe" and not config.resume:
         print(initialize_head_from_probe(model, run, loss_fn))
     return model
+
+
+def require_labels_of(run: PreparedRun, directory: str, option: str) -> None:
+    """Refuse a classifier trained on other labels (or listing them in another order) than the run's."""
+    from transformers import AutoConfig
+
+    own = AutoConfig.from_pretrained(directory, local_files_only=is_local_path(directory))
+    labels = [own.id2label[i] for i in range(own.num_labels)]
+    if labels != run.space.labels:
+        ours, theirs = run.space.labels, labels
+        odd = sorted(set(ours) ^ set(theirs))
+        detail = f"has {odd[0]!r} in one and not the other" if odd else "lists them in another order"
+        raise DataError(f"{option} {directory}: its label map {detail}; it must hold the training data's labels")
 
 
 def describe_data(run: PreparedRun) -> str:

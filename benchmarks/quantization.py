@@ -120,6 +120,11 @@ def targets(rows: dict[str, dict[str, float]], throughput: str, cold_start: floa
         ("size, INC / fp32", kept["size_mb"] / eager["size_mb"], "<=", 0.30),
         ("cold start of the edge script, INC (s)", cold_start, "<=", 1.0),
     ]
+    return target_lines(checks)
+
+
+def target_lines(checks: list[tuple[str, float, str, float]]) -> list[str]:
+    """One line per (name, measured value, "<=" or ">=", bound): the value and whether it is met."""
     met = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b}
     return [
         f"{name}: {value:.2f} (target {op} {bound}): {'met' if met[op](value, bound) else 'MISSED'}"
