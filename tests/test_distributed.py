@@ -38,17 +38,22 @@ def odd_slice(tmp_path_factory):
     return banking77_slice(tmp_path_factory.mktemp("odd"), classes=5, train_per_class=41, test_per_class=3)
 
 
-@pytest.mark.parametrize("script", ["manual", "trainer"])
+@pytest.mark.parametrize("script", ["manual", "trainer", "manual, distilled"])
 def test_two_processes_write_once_predict_every_row_once_and_agree_on_weights(
-    script, tiny_bert_dir, odd_slice, tmp_path
+    script, tiny_bert_dir, odd_slice, tmp_path, request
 ):
     train, test = odd_slice
+    distilled = script.endswith("distilled")  # a 1-layer student of the tiny teacher, logits and hidden states
+    script = script.split(",")[0]
     args = [
         *tiny_run_args(tiny_bert_dir, tmp_path, script),
         f"--train_file={train}",
         f"--test_file={test}",
         "--num_threads=1",
     ]
+    if distilled:
+        teacher = request.getfixturevalue("banking_runs")["best"]
+        args += [f"--teacher={teacher}", "--student_layers=1", "--distill_hidden_weight=0.5"]
     result = torchrun(script, args, tmp_path / "digest")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch 16 (8 per process x 2 processes x 1 accumulation)" in result.stdout
