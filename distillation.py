@@ -31,11 +31,10 @@ from utility_functions import (
     PreparedRun,
     autocast,
     encode,
+    kept_layers,
     load_tokenizer,
     long_text_of,
     predict_logits,
-    require_labels_of,
-    student_layer_indices,
 )
 
 
@@ -85,10 +84,9 @@ class DistillationLoss(nn.Module):
 
 
 def load_teacher(run: PreparedRun) -> Any:
-    """The teacher of --teacher, in eval mode with gradients off, checked against the run's labels."""
+    """The teacher of --teacher, in eval mode with gradients off (build_model has checked its labels)."""
     from transformers import AutoModelForSequenceClassification
 
-    require_labels_of(run, run.config.teacher, "--teacher")
     teacher = AutoModelForSequenceClassification.from_pretrained(run.config.teacher, local_files_only=True)
     return teacher.to(run.device).eval().requires_grad_(False)
 
@@ -159,8 +157,7 @@ def build_distiller(run: PreparedRun, task_loss: ClassificationLoss, student: nn
 
         check_hidden_states_match(run, teacher, teacher_tokenizer, student)
         source_layers = AutoConfig.from_pretrained(config.model_name_or_path).num_hidden_layers
-        kept = student_layer_indices(config.student_layers, source_layers)
-        layer_map = teacher_layer_map(kept, source_layers, teacher.config.num_hidden_layers)
+        layer_map = teacher_layer_map(kept_layers(config), source_layers, teacher.config.num_hidden_layers)
         distiller = Distiller(loss_fn, config.distill_hidden_weight, teacher, layer_map)
     hidden = f", hidden states x {config.distill_hidden_weight}" if distiller.wants_hidden_states else ""
     line = (

@@ -462,6 +462,15 @@ def student_layer_indices(spec: str, available: int) -> list[int]:
     return numbers
 
 
+def kept_layers(config: Config) -> list[int]:
+    """The encoder layers of --model_name_or_path that --student_layers keeps (all when empty)."""
+    from transformers import AutoConfig
+
+    name = config.model_name_or_path
+    available = AutoConfig.from_pretrained(name, local_files_only=is_local_path(name)).num_hidden_layers
+    return student_layer_indices(config.student_layers, available)
+
+
 def keep_layers(model: nn.Module, indices: list[int]) -> None:
     """Cut the encoder down to the layers at `indices` (their weights untouched), so the model saves
     and loads as an ordinary Hugging Face model with `num_hidden_layers = len(indices)`."""
@@ -1019,11 +1028,13 @@ def build_model(run: PreparedRun, loss_fn: ClassificationLoss) -> nn.Module:
     --student_layers, its classification layer fitted as a linear probe (--head_init probe; not when
     resuming, where the checkpoint's weights replace it) or kept (--head_init checkpoint)."""
     config = run.config
+    if config.teacher:
+        require_labels_of(run, config.teacher, "--teacher")
     if config.head_init == "checkpoint":
         require_labels_of(run, config.model_name_or_path, "--head_init checkpoint: --model_name_or_path")
+    kept = kept_layers(config)  # checked before the weights load
     model = load_model_for_training(config.model_name_or_path, run.space)
     if config.student_layers:
-        kept = student_layer_indices(config.student_layers, len(encoder_parts(model)[1]))
         keep_layers(model, kept)
         print(f"kept encoder layers {', '.join(map(str, kept))} of {config.model_name_or_path}")
     model = model.to(run.device)
