@@ -11,9 +11,10 @@ a linear probe fitted on the frozen model's features (LP-FT), small data trains 
 --min_steps optimizer steps, the lower layers are frozen for the first epochs, the best
 checkpoint by validation metric is kept, its probabilities are calibrated (a temperature) and
 given an out-of-scope threshold, and the run ends by testing that checkpoint. With --teacher, a
-student with fewer layers learns from a fine-tuned model's predictions too (distillation.py). Outputs go to
-<output_dir>/<run_name>/, TensorBoard logs to runs/<run_name>/. A training state is saved after
-every epoch (and every --eval_steps), so a resumed run continues exactly: same batches, same losses.
+student with fewer layers learns from a fine-tuned model's predictions too (distillation.py).
+Outputs go to <output_dir>/<run_name>/, TensorBoard logs to runs/<run_name>/. A training state is
+saved after every epoch (and every --eval_steps), so a resumed run continues exactly: same batches,
+same losses.
 """
 
 from __future__ import annotations

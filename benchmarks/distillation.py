@@ -57,7 +57,7 @@ def data_args(name: str, directory: Path) -> list[str]:
     if name == "imdb":
         paths = {}
         for split, per_label in (("train", 1000), ("test", 500)):
-            frame = pd.read_csv(SHARED / "imdb" / f"{split}.csv")
+            frame = pd.read_csv(SHARED / "imdb" / f"{split}.csv.gz")
             paths[split] = directory / f"imdb-{split}.csv"
             frame.groupby("label").sample(per_label, random_state=0).to_csv(paths[split], index=False)
         return [f"--train_file={paths['train']}", f"--test_file={paths['test']}", "--max_length=256", "--epochs=2"]

@@ -272,3 +272,30 @@ def disagreements(predictions: pd.DataFrame, int8_predicted: list[str], int8_pro
         .sort_values("max_probability_difference", ascending=False)
         .reset_index(drop=True)
     )
+
+
+def teacher_and_student(run: Path) -> pd.DataFrame | None:
+    """A run trained with --teacher beside its teacher's run: encoder layers, test accuracy, agreement
+    with the teacher's test predictions, and the int8 figures of each quantization report (latency at
+    batch 1, throughput at batch 32, size). None for a run without a teacher."""
+    teacher = read_json(run / "best_model" / "training_config.json").get("teacher")
+    if not teacher:
+        return None
+    runs = {"teacher": Path(teacher).parent, "student": run}
+    teacher_predicted = read_predictions(runs["teacher"])["predicted"]
+    rows = {}
+    for name, directory in runs.items():
+        predicted = read_predictions(directory)["predicted"]
+        report = directory / "best_model-int8" / "quantization_report.json"
+        int8 = read_json(report)["int8"] if report.is_file() else {}
+        rows[name] = {
+            "layers": read_json(directory / "best_model" / "config.json")["num_hidden_layers"],
+            "test accuracy": read_json(directory / "test_metrics.json")["accuracy"],
+            "agreement with teacher": float((predicted == teacher_predicted).mean())
+            if len(predicted) == len(teacher_predicted)
+            else np.nan,
+            "int8 batch-1 p50 ms": int8.get("latency_batch1_p50_ms", np.nan),
+            "int8 texts/s, batch 32": int8.get("throughput_batch32_texts_per_s", np.nan),
+            "int8 MiB": int8.get("size_mb", np.nan),
+        }
+    return pd.DataFrame(rows).T

@@ -107,18 +107,18 @@ def nlupp_run(minilm_path: str, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 
 @pytest.fixture(scope="session")
-def distilled_run(banking_runs) -> dict:
+def distilled_run(banking_runs, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 1-layer student cut from the manual run's 2-layer tiny teacher (its layer 1, embeddings and
-    head kept), distilled on the same slice with logits and hidden states (run "distilled" beside
-    the teacher's), and its static int8 model."""
+    head kept), distilled on the same slice with logits and hidden states (run "student"), and its
+    static int8 model."""
     import intel_compressor
     import manual_classification
 
-    directory = banking_runs["directory"]
+    directory = tmp_path_factory.mktemp("distilled")  # apart: the notebooks pick the newest run of a directory
     # the student is the teacher's own model (no --model_name_or_path), its head kept (no --head_init)
     options = [
         a
-        for a in tiny_run_args(banking_runs["best"], directory, "distilled")
+        for a in tiny_run_args(banking_runs["best"], directory, "student")
         if not a.startswith(("--model_name_or_path", "--head_init"))
     ]
     student = [f"--teacher={banking_runs['best']}", "--student_layers=1,", "--distill_hidden_weight=0.5"]
@@ -126,4 +126,4 @@ def distilled_run(banking_runs) -> dict:
     result = manual_classification.main([*options, *student, *data, "--learning_rate=3e-3"])
     best = result.run_dir / "best_model"
     intel_compressor.main([f"--model={best}", *FAST_TIMING])
-    return {"result": result, "best": best, "int8": best.with_name("best_model-int8")}
+    return {"directory": directory, "result": result, "best": best, "int8": best.with_name("best_model-int8")}

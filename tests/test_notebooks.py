@@ -155,6 +155,21 @@ def test_quantization_notebook(banking_runs, monkeypatch):
         and f"agreement {banking_runs['report']['agreement']:.4f}" in out
     )
     assert "fp32: test exact-match accuracy" in out and "int8: test exact-match accuracy" in out
+    assert "this run has no teacher" in out
+
+
+def test_quantization_notebook_shows_a_student_beside_its_teacher(distilled_run, banking_runs, monkeypatch):
+    notebook = execute(
+        "3_quantization.ipynb", monkeypatch, NOTEBOOK_OUTPUTS=str(distilled_run["directory"] / "outputs")
+    )
+    assert_every_figure_drawn(notebook)
+    table = analysis.teacher_and_student(distilled_run["result"].run_dir)
+    assert table.index.tolist() == ["teacher", "student"] and table["layers"].tolist() == [2, 1]
+    assert table.loc["teacher", "agreement with teacher"] == 1.0
+    assert table.loc["student", "test accuracy"] == distilled_run["result"].test["accuracy"]
+    int8 = json.loads((distilled_run["int8"] / "quantization_report.json").read_text())["int8"]
+    assert table.loc["student", "int8 MiB"] == int8["size_mb"]
+    assert "agreement with teacher" in printed(notebook) and "this run has no teacher" not in printed(notebook)
 
 
 # ---------------------------------------------------------------------------------------
