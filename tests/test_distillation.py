@@ -273,4 +273,3 @@ def test_default_student_is_the_teacher_with_its_head(tmp_path):
     explicit = parse_config([f"--teacher={tmp_path}", "--model_name_or_path=other", "--student_layers=3"])
     assert (explicit.model_name_or_path, explicit.head_init) == ("other", Config().head_init)
     assert math.isclose(config.distill_alpha, 0.5) and config.distill_temperature == 2.0
-
