@@ -10,9 +10,9 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install train quantize bench-quantization notebooks test test-unit test-slow lint clean
 
-$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-nodeps.txt
+$(VENV)/.installed: requirements.txt requirements-serve.txt requirements-nodeps.txt requirements-scale.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install -r requirements.txt -r requirements-scale.txt
 	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 

@@ -617,6 +617,21 @@ def csv_chunks(path: Path, column: str, chunk_rows: int) -> Iterator[tuple[list[
             raise DataError(f"{path}: no rows below the header")
 
 
+def prediction_columns(
+    classifier: EdgeClassifier, probs: np.ndarray, ood: np.ndarray, delimiter: str
+) -> dict[str, list]:
+    """What the edge runner adds to each row of a file, typed: predicted (the label set, joined by
+    `delimiter`), ood_score, out_of_scope, and prob_<label> for every label (batch_inference.py
+    writes the same columns)."""
+    columns: dict[str, list] = {
+        "predicted": [delimiter.join(labels) for labels in classifier.predicted_labels(probs)],
+        "ood_score": ood.tolist(),
+        "out_of_scope": (ood > classifier.ood_threshold).tolist(),
+    }
+    columns.update({f"prob_{label}": probs[:, j].tolist() for j, label in enumerate(classifier.labels)})
+    return columns
+
+
 def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace, drift: DriftWindow | None) -> Path:
     """Write the predictions of every row of --input; `drift`, when given, sees every prediction."""
     from tqdm import tqdm
@@ -625,7 +640,6 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace, drift: Dr
     if not source.is_file():
         raise DataError(f"--input {source}: no such file")
     target = Path(args.output) if args.output else source.with_name(f"{source.stem}_predictions.csv")
-    prob_columns = [f"prob_{label}" for label in classifier.labels]
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with (
@@ -634,19 +648,17 @@ def classify_csv(classifier: EdgeClassifier, args: argparse.Namespace, drift: Dr
         ):
             writer = None
             for header, rows in csv_chunks(source, args.text_column, args.chunk_rows):
-                if writer is None:
-                    writer = csv.DictWriter(
-                        out, fieldnames=[*header, "predicted", "ood_score", "out_of_scope", *prob_columns]
-                    )
-                    writer.writeheader()
                 probs, ood = classifier.predictions([row[args.text_column] for row in rows], args.batch_size)
-                predicted = classifier.predicted_labels(probs)
+                columns = prediction_columns(classifier, probs, ood, args.label_delimiter)
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=[*header, *columns])
+                    writer.writeheader()
                 if drift is not None:
-                    drift.add(predicted, (ood > classifier.ood_threshold).tolist())
-                for row, scores, labels, score in zip(rows, probs.tolist(), predicted, ood.tolist()):
-                    row["predicted"] = args.label_delimiter.join(labels)
-                    row["ood_score"], row["out_of_scope"] = f"{score:.4f}", score > classifier.ood_threshold
-                    row.update({column: f"{p:.6f}" for column, p in zip(prob_columns, scores)})
+                    drift.add(classifier.predicted_labels(probs), columns["out_of_scope"])
+                for i, row in enumerate(rows):
+                    row.update({name: values[i] for name, values in columns.items()})
+                    row["ood_score"] = f"{row['ood_score']:.4f}"
+                    row.update({name: f"{row[name]:.6f}" for name in columns if name.startswith("prob_")})
                     writer.writerow(row)
                 bar.update(len(rows))
         os.chmod(tmp, 0o644)
