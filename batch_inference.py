@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", default="", help="Ray cluster (host:port or auto); empty: a local one.")
     parser.add_argument("--actors", type=int, default=0, help="Scoring actors; 0: the cluster's CPUs / threads.")
     parser.add_argument("--threads_per_actor", type=int, default=1, help="CPU threads of each actor.")
-    parser.add_argument("--batch_size", type=int, default=1024, help="Rows an actor scores at a time.")
+    parser.add_argument(
+        "--batch_size", type=int, default=4096, help="Rows an actor scores at a time (sorted by length, as the edge runner)."
+    )
     parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell.")
     return parser
 
@@ -147,8 +149,11 @@ def input_files(patterns: list[str]) -> tuple[pyarrow.fs.FileSystem, list[str]]:
 
 
 def default_output(first_input: str) -> str:
-    """<input without its extensions>_scored, beside the first input (a glob: beside its directory)."""
+    """<input without its extensions>_scored, beside the first input (a glob: beside its directory;
+    a remote input: in the current directory)."""
     path = first_input.split("://")[-1].rstrip("/")
+    if "://" in first_input:
+        path = os.path.basename(path)
     if glob.has_magic(path):
         path = os.path.join(os.path.dirname(path.split("*")[0]) or ".", "input")
     name = os.path.basename(path)

@@ -265,41 +265,40 @@ def test_repeated_ids_are_refused_after_the_count(banking_runs, texts, redis_url
 # ---------------------------------------------------------------------------------------
 
 
-def closed_port() -> str:
-    return f"127.0.0.1:{free_port()}"
+ONE_TEXT = "text\nhello\n"
 
 
 @pytest.mark.parametrize(
-    ("make_input", "options", "message"),
+    ("name", "content", "options", "message"),
     [
-        (lambda d: d / "missing.csv", [], r"--input .*missing.csv: no such file or directory"),
-        (lambda d: write(d / "a.csv", "body,label\nhello,x\n"), [], r"a.csv: no column 'text' \(--text_column; columns: body, label\)"),
-        (lambda d: write(d / "a.csv", "text\nhello\n"), ["--id_column=key"], r"no column 'key' \(--id_column"),
-        (lambda d: write(d / "a.parquet", "not parquet"), [], r"a.parquet: cannot read \("),
-        (lambda d: write(d / "a.xlsx", "x"), [], r"a.xlsx: not a CSV, TSV, Parquet or JSONL file"),
-        (lambda d: write(d / "a.csv", ""), [], r"a.csv: empty file \(no header row\)"),
-        (lambda d: write(d / "a.csv", "text\nhello\n"), [f"--address={closed_port()}"], r"--address 127.0.0.1:\d+: no Ray cluster there"),
-        (lambda d: write(d / "a.csv", "text\nhello\n"), [f"--redis_url=redis://{closed_port()}/0"], r"--redis_url redis://127.0.0.1:\d+/0: cannot use it"),
-        (lambda d: write(d / "a.csv", "text\nhello\n"), ["--output=o", "--redis_url=redis://x"], r"--output and --redis_url: give one"),
-        (lambda d: write(d / "a.csv", "text\nhello\n"), ["--actors=-1"], r"--actors -1: must be at least 0"),
+        ("missing.csv", None, [], r"--input .*missing.csv: no such file or directory"),
+        ("a.csv", "body,label\nhello,x\n", [], r"a.csv: no column 'text' \(--text_column; columns: body, label\)"),
+        ("a.csv", ONE_TEXT, ["--id_column=key"], r"no column 'key' \(--id_column"),
+        ("a.parquet", "not parquet", [], r"a.parquet: cannot read \("),
+        ("a.xlsx", "x", [], r"a.xlsx: not a CSV, TSV, Parquet or JSONL file"),
+        ("a.csv", "", [], r"a.csv: empty file \(no header row\)"),
+        ("a.csv", ONE_TEXT, ["--address={closed}"], r"--address 127.0.0.1:\d+: no Ray cluster there"),
+        ("a.csv", ONE_TEXT, ["--redis_url=redis://{closed}/0"], r"--redis_url redis://127.0.0.1:\d+/0: cannot use"),
+        ("a.csv", ONE_TEXT, ["--output=o", "--redis_url=redis://x"], r"--output and --redis_url: give one"),
+        ("a.csv", ONE_TEXT, ["--actors=-1"], r"--actors -1: must be at least 0"),
     ],
     ids=["missing-file", "missing-text-column", "missing-id-column", "unreadable", "unknown-format", "empty",
          "unreachable-cluster", "unreachable-redis", "two-outputs", "negative-actors"],
 )  # fmt: skip
-def test_bad_input_stops_before_any_output(banking_runs, tmp_path, make_input, options, message):
-    source = make_input(tmp_path)
+def test_bad_input_stops_before_any_output(banking_runs, tmp_path, name, content, options, message):
+    source = tmp_path / name
+    if content is not None:
+        source.write_text(content)
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(DataError, match=message):
-        batch_inference.main([f"--model={banking_runs['int8']}", f"--input={source}", *options])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ([source.name] if source.exists() else [])
-
-
-def write(path: Path, content: str) -> Path:
-    path.write_text(content)
-    return path
+        batch_inference.main(
+            [f"--model={banking_runs['int8']}", f"--input={source}", *(o.format(closed=closed) for o in options)]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if content is not None else [])
 
 
 def test_an_empty_text_names_its_row_and_writes_nothing(banking_runs, local_ray, tmp_path):
-    write(tmp_path / "a.csv", "text,label\nhello,x\nworld,y\n  ,z\n")
+    (tmp_path / "a.csv").write_text("text,label\nhello,x\nworld,y\n  ,z\n")
     with pytest.raises(DataError, match=r"a.csv: row 3: empty text in column 'text'"):
         score(banking_runs["int8"], tmp_path / "a.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv"]
@@ -309,3 +308,25 @@ def test_the_command_line_prints_one_error_line(banking_runs, tmp_path):
     result = run_python("batch_inference.py", f"--model={banking_runs['int8']}", f"--input={tmp_path / 'none.csv'}")
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: --input ")
+
+
+def test_tsv_and_compressed_jsonl_read_as_the_csv(banking_runs, texts, edge_predictions, local_ray, tmp_path):
+    frame = texts["frame"].iloc[:600]
+    inputs = tmp_path / "mixed"
+    inputs.mkdir()
+    frame.iloc[:300].to_csv(inputs / "a.tsv", sep="\t", index=False)
+    frame.iloc[300:].to_json(inputs / "b.jsonl.gz", orient="records", lines=True, compression="gzip")
+    score(banking_runs["int8"], inputs, "--actors=1")
+    out = pd.read_parquet(tmp_path / "mixed_scored")
+    assert out[batch_inference.ROW_ID].tolist()[299:301] == ["a.tsv:299", "b.jsonl.gz:0"]
+    assert_same_predictions(out, edge_predictions.iloc[:600])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("first_input", "expected"),
+    [("/data/t.csv.gz", "/data/t_scored"), ("/data/texts/", "/data/texts_scored"),
+     ("data/*.parquet", "data/input_scored"), ("s3://bucket/texts/", "texts_scored")],
+)  # fmt: skip
+def test_the_default_output_sits_beside_the_input(first_input, expected):
+    assert batch_inference.default_output(first_input) == expected
