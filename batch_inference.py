@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--actors", type=int, default=0, help="Scoring actors; 0: the cluster's CPUs / threads.")
     parser.add_argument("--threads_per_actor", type=int, default=1, help="CPU threads of each actor.")
     parser.add_argument(
-        "--batch_size", type=int, default=4096, help="Rows an actor scores at a time (sorted by length, as the edge runner)."
+        "--batch_size", type=int, default=4096, help="Rows an actor scores at a time, sorted by length."
     )
     parser.add_argument("--label_delimiter", default=";", help="Separator of several predicted labels in one cell.")
     return parser
