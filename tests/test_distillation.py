@@ -273,3 +273,28 @@ def test_default_student_is_the_teacher_with_its_head(tmp_path):
     explicit = parse_config([f"--teacher={tmp_path}", "--model_name_or_path=other", "--student_layers=3"])
     assert (explicit.model_name_or_path, explicit.head_init) == ("other", Config().head_init)
     assert math.isclose(config.distill_alpha, 0.5) and config.distill_temperature == 2.0
+
+
+@pytest.mark.slow
+def test_the_distilled_3_layer_student_of_the_default_model_beats_the_hard_label_one(tmp_path):
+    """The `make train` model (the defaults: MiniLM on the embedded BANKING77 training file) as the
+    teacher, then two 3-layer students cut from it on the same rows: distilled from it, and fine-tuned
+    on the hard labels alone from the same start. About 20 minutes on 2 cores. On few-shot slices the
+    soft targets add nothing (measured on the first 30 intents x 30 texts: 0.9250 distilled against
+    0.9258 hard; 77 x 20: 0.8614 against 0.8679): a teacher trained on a few hundred texts predicts
+    them all but one-hot, so it tells the student little the labels do not. Measured here (AMD EPYC
+    Zen 4, 2 threads): teacher 0.9318, distilled 0.9273, hard labels 0.9218 test accuracy."""
+
+    def run(name: str, *args: str):
+        return manual_classification.main(
+            [*args, f"--output_dir={tmp_path}", f"--logging_dir={tmp_path / 'runs'}", f"--run_name={name}"]
+        )
+
+    teacher = run("teacher")
+    distilled = run("distilled", f"--teacher={teacher.run_dir / 'best_model'}", "--student_layers=3").test
+    hard = run(
+        "hard", f"--model_name_or_path={teacher.run_dir / 'best_model'}", "--head_init=checkpoint", "--student_layers=3"
+    ).test
+    assert teacher.test["accuracy"] == pytest.approx(0.9318, abs=0.004)
+    assert (distilled["accuracy"], hard["accuracy"]) == pytest.approx((0.9273, 0.9218), abs=0.004)
+    assert distilled["macro_f1"] >= hard["macro_f1"] + 0.004, (distilled, hard)
