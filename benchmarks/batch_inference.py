@@ -141,6 +141,8 @@ def compare(scored: pd.DataFrame, edge: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if shutil.which("redis-server") is None:  # the Redis ceiling runs last: refuse before the long runs
+        raise SystemExit("error: redis-server not found on PATH (Debian: apt-get install redis-server)")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="batch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.ceilings_only:
