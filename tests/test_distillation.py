@@ -279,7 +279,7 @@ def test_default_student_is_the_teacher_with_its_head(tmp_path):
 def test_the_distilled_3_layer_student_of_the_default_model_beats_the_hard_label_one(tmp_path):
     """The `make train` model (the defaults: MiniLM on the embedded BANKING77 training file) as the
     teacher, then two 3-layer students cut from it on the same rows: distilled from it, and fine-tuned
-    on the hard labels alone from the same start. About 20 minutes on 2 cores. On few-shot slices the
+    on the hard labels alone from the same start. About 18 minutes on 2 cores. On few-shot slices the
     soft targets add nothing (measured on the first 30 intents x 30 texts: 0.9250 distilled against
     0.9258 hard; 77 x 20: 0.8614 against 0.8679): a teacher trained on a few hundred texts predicts
     them all but one-hot, so it tells the student little the labels do not. Measured here (AMD EPYC
