@@ -82,9 +82,10 @@ from utility_functions import compute_metrics, encoder_parts, resolve_config
 
 MODES = ("static", "dynamic", "weight-only")
 # Architectures whose export, int8 quantization and edge run are checked by the tests (BERT covers
-# MiniLM and the BERT-base family; RoBERTa derives position ids from the padding); others may work
-# but are refused until checked.
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert")
+# MiniLM and the BERT-base family; RoBERTa derives position ids from the padding; MPNet, the
+# all-mpnet-base-v2 teacher, computes relative position buckets in the graph, and ONNX Runtime's
+# fusion leaves its attention unfused); others may work but are refused until checked.
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert", "mpnet")
 MAX_BATCH = 1024  # the largest batch the default exporter is told to expect (its graph serves any)
 
 

@@ -36,7 +36,7 @@ STRATEGIES = {
     "truncate": ["--long_text=truncate"],
     "head_tail": ["--long_text=head_tail"],
     "windows": ["--long_text=windows"],
-    "windows, 1 sampled a text": ["--long_text=windows", "--train_windows=1"],
+    "windows_train1": ["--long_text=windows", "--train_windows=1"],  # one seeded window per training text
 }
 
 
@@ -72,10 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--train_rows", type=int, default=4000, help="Training reviews (stratified sample).")
     parser.add_argument("--test_rows", type=int, default=5000, help="Test reviews (stratified sample).")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=2, help="Training epochs of every strategy.")
+    parser.add_argument("--max_length", type=int, default=256, help="Tokens per model input.")
     parser.add_argument(
-        "--strategies", default="truncate,head_tail,windows", help=f"Comma-separated: {', '.join(STRATEGIES)}."
+        "--strategies",
+        default="truncate,head_tail,windows",
+        help=f"Comma-separated, from: {', '.join(STRATEGIES)}.",
     )
     parser.add_argument("--num_threads", type=int, default=0, help="torch threads; 0: one per core.")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> None:
             f"--train_file={directory / 'train.csv'}", "--validation_file=", "--test_file=",
             f"--max_length={args.max_length}", f"--epochs={args.epochs}", "--min_steps=0",
             f"--num_threads={args.num_threads}", f"--output_dir={directory / 'outputs'}",
-            f"--logging_dir={directory / 'runs'}", f"--run_name={name.replace(' ', '_').replace(',', '')}",
+            f"--logging_dir={directory / 'runs'}", f"--run_name={name}",
             *STRATEGIES[name],
         ])  # fmt: skip
         rows[name] = {**score(result.run_dir / "best_model", test, 32), "train s": result.train_seconds}

@@ -21,6 +21,8 @@ from transformers import (
     AutoTokenizer,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    MPNetConfig,
+    MPNetForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -268,6 +270,9 @@ TINY_ARCHITECTURES = {
     "distilbert": lambda vocab: DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=LONG, pad_token_id=0,
         num_labels=5)),
+    "mpnet": lambda vocab: MPNetForSequenceClassification(MPNetConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=LONG + 2, pad_token_id=0, num_labels=5)),  # relative position buckets in the graph
 }  # fmt: skip
 
 
@@ -279,7 +284,7 @@ def short_and_long_texts(count: int) -> list[str]:
 
 
 @pytest.mark.parametrize("architecture", sorted(TINY_ARCHITECTURES))
-def test_roberta_and_distilbert_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
+def test_roberta_distilbert_and_mpnet_quantize_and_run_at_the_edge(architecture, minilm_path, tmp_path):
     """A random tiny model of each architecture goes through the static path (export, fusion, INC
     static) and the edge runner; its fused fp32 graph computes the model's logits and its int8 logits
     stay close to fp32 eager on real texts, short ones and ones cut at max_length."""
