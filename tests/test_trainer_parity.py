@@ -103,8 +103,11 @@ def test_same_freeze_phases_and_close_results(tiny_bert_dir, tmp_path, monkeypat
         ):
             assert (run_dir / name).is_file(), (run_dir, name)
     assert abs(manual.test["macro_f1"] - trainer.test["macro_f1"]) <= F1_TOLERANCE, (manual.test, trainer.test)
-    # pinned (CPU, torch 2.13.0) to one test row of 100: chance is 0.2; regenerate by printing them
-    assert (manual.test["accuracy"], trainer.test["accuracy"]) == pytest.approx((0.99, 1.0), abs=0.01 + 1e-9)
+    # pinned (CPU, torch 2.13.0) on 100 test rows, chance 0.2; regenerate by printing them. Eight epochs at
+    # 3e-3 amplify the CPU's float rounding: the manual loop measured 0.96 on an Intel Xeon (AVX-512, AMX),
+    # 0.99 with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)
+    # and 0.97 with SSE4.1 ones; the Trainer 1.0 on all three. The margin spans exactly that spread.
+    assert (manual.test["accuracy"], trainer.test["accuracy"]) == pytest.approx((0.975, 1.0), abs=0.015 + 1e-9)
 
 
 @pytest.mark.parametrize("run", ["manual", "trainer"])
