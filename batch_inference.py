@@ -280,11 +280,13 @@ class Scorer:
         import ray
 
         files = ray.get(files) if isinstance(files, ray.ObjectRef) else files
-        self.directory = tempfile.mkdtemp(prefix="batch-inference-model-")
-        for name, content in files.items():
-            Path(self.directory, name).write_bytes(content)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # the fp32 path's torch threads
-        self.classifier = load_classifier(self.directory, threads)
+        # The classifier reads every file while loading, so the copy goes once it is loaded: an actor
+        # that is restarted or killed leaves no model behind in the node's temporary directory.
+        with tempfile.TemporaryDirectory(prefix="batch-inference-model-") as directory:
+            for name, content in files.items():
+                Path(directory, name).write_bytes(content)
+            self.classifier = load_classifier(directory, threads)
         self.text_column, self.delimiter = text_column, delimiter
         self.node = ray.get_runtime_context().get_node_id()
 

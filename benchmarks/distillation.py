@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/distillation.py --teacher outputs/default/best_model     # BANKING77, ~40 min
     .venv/bin/python benchmarks/distillation.py --data imdb --layers 3                   # trains its teacher
+    .venv/bin/python benchmarks/distillation.py --data imdb --layers 3 --student_epochs 6 # students train longer
     .venv/bin/python benchmarks/distillation.py --data nlupp
     .venv/bin/python benchmarks/distillation.py --teacher_model embedded:all-mpnet-base-v2 \
         --student_model embedded:all-MiniLM-L6-v2 --layers 6 3        # 68 min on an Intel Xeon
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--student_model", default="", help="The model the students start from; empty: cut from the teacher."
     )
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 2], help="Student depths.")
+    parser.add_argument(
+        "--student_epochs", type=int, default=0, help="Epochs of every student run; 0: as the teacher's."
+    )
     parser.add_argument("--work_dir", default="", help="Where the runs go; empty: a temporary directory.")
     parser.add_argument("--num_threads", type=int, default=2, help="CPU threads for the speed figures.")
     parser.add_argument("--timing_texts", type=int, default=1000, help="Test texts per batch-32 throughput round.")
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.teacher and args.teacher_model:
         parser.error("--teacher_model: only for a teacher trained here (drop --teacher)")
+    if args.student_epochs < 0:
+        parser.error(f"--student_epochs: {args.student_epochs} is negative")
     student_depth = encoder_depth(args.student_model) if args.student_model else 0
     intel_compressor.quiet_inc()
     directory = Path(args.work_dir or tempfile.mkdtemp(prefix="distillation-")).resolve()
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[TEACHER_FP32] = {"fp32_accuracy": teacher_test["accuracy"], "train_seconds": seconds}
     models = {TEACHER_FP32: teacher, TEACHER_INT8: quantized(teacher)}
     for depth in args.layers:
-        cut = [f"--student_layers={depth}"]
+        cut = [f"--student_layers={depth}", *([f"--epochs={args.student_epochs}"] if args.student_epochs else [])]
         if args.student_model:
             start = [f"--model_name_or_path={args.student_model}", *cut]
             recipes = {

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
 import pytest
 
 import batch_inference
@@ -151,6 +153,19 @@ def test_a_rerun_writes_identical_files(banking_runs, texts, scored, local_ray):
     score(banking_runs["int8"], texts["inputs"], f"--output={scored['output']}", "--actors=2")
     assert (scored["output"] / "part-00000.parquet").read_bytes() == first
     assert sorted(p.name for p in scored["output"].parent.iterdir()) == ["scored"]  # nothing left aside
+
+
+def test_a_scorer_scores_with_its_model_and_leaves_no_copy_of_it(banking_runs, texts, local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the actor copies the model's files
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the actor sets it: restored afterwards
+    scorer = batch_inference.Scorer(batch_inference.model_files(banking_runs["int8"]), 1, "text", ";")
+    assert list(tmp_path.iterdir()) == []  # a killed or restarted actor leaves nothing on the node
+    sample = texts["frame"]["text"].head(40).tolist()
+    scored = scorer(pa.table({"text": sample}))
+    expected = intel_compressor_test.load_classifier(banking_runs["int8"], 1).probabilities(sample, 32)
+    labels = [name for name in scored.column_names if name.startswith("prob_")]
+    got = np.stack([scored.column(name).to_numpy() for name in labels], axis=1)
+    np.testing.assert_allclose(got, expected, atol=PROB_ATOL)
 
 
 def test_an_id_column_is_kept_with_its_rows(banking_runs, texts, local_ray, tmp_path):
