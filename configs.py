@@ -149,6 +149,12 @@ class Config:
         "Weight of the MSE between each student layer's output and its teacher layer's (the same tokenizer and "
         "hidden size needed); 0: logits only.",
     )
+    transfer_file: str = _arg(
+        "",
+        "A table of unlabelled texts (its --text_column; any label column is not read) the student also learns "
+        "from, on the teacher's predictions: its soft targets, and its predicted labels as the task target (a "
+        "transfer set, Hinton et al. 2015: more texts for the student without more labels). Empty: none.",
+    )
 
     # --- optimisation ---
     batch_size: int = _arg(32, "Examples per forward pass (train and eval).")
@@ -405,6 +411,6 @@ def check_distillation(config: Config) -> None:
     if config.distill_hidden_weight < 0:
         raise DataError(f"--distill_hidden_weight must not be negative, got {config.distill_hidden_weight}")
     defaults = Config()
-    for name in ("distill_alpha", "distill_temperature", "distill_hidden_weight"):
+    for name in ("distill_alpha", "distill_temperature", "distill_hidden_weight", "transfer_file"):
         if not config.teacher and getattr(config, name) != getattr(defaults, name):
             raise DataError(f"--{name} needs --teacher (a model to distil from)")

@@ -307,6 +307,15 @@ def load_split(path: str, config: Config, space: LabelSpace | None = None) -> tu
     return LabeledData(str(path), texts, targets), space
 
 
+def load_transfer_texts(config: Config) -> LabeledData:
+    """The texts of --transfer_file, not yet labelled: their targets are zeros until the teacher's
+    predictions replace them (distillation.with_transfer_set)."""
+    frame = read_table(config.transfer_file)
+    require_columns(frame, config.transfer_file, [config.text_column])
+    texts = checked_texts(frame, config.transfer_file, config.text_column)
+    return LabeledData(config.transfer_file, texts, np.zeros(len(texts), dtype=np.int64))
+
+
 def hard_label_sets(targets: np.ndarray, space: LabelSpace) -> list[list[str]]:
     """Labels of each row as lists (multilabel rows: labels with target >= 0.5)."""
     if space.task == "multilabel":

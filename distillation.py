@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_functions import LabeledData
 from intel_compressor_test import DataError
 from utility_functions import (
     ClassificationLoss,
+    EncodedDataset,
     PaddingCollator,
     PreparedRun,
     autocast,
@@ -133,14 +135,43 @@ class Distiller:
         return loss + self.hidden_weight * hidden
 
 
-def teacher_logits_per_input(run: PreparedRun, teacher: Any, teacher_tokenizer: Any) -> np.ndarray:
-    """The teacher's logits of every training text, read with its own tokenizer (the run's max_length
-    and long-text handling; a text's windows combined), repeated for each of the student's inputs of
-    that text."""
-    encoded = encode(teacher_tokenizer, run.train_data, long_text_of(run.config))
+def teacher_logits_per_text(run: PreparedRun, teacher: Any, teacher_tokenizer: Any, data: LabeledData) -> np.ndarray:
+    """The teacher's logits of every text of `data`, read with its own tokenizer (the run's max_length
+    and long-text handling; a text's windows combined)."""
+    encoded = encode(teacher_tokenizer, data, long_text_of(run.config))
     collator = PaddingCollator(teacher_tokenizer.pad_token_id)
-    logits = predict_logits(teacher, encoded, collator, run.config.batch_size, run.device, run.processes)
-    return logits.numpy()[run.train_set.owners]
+    return predict_logits(teacher, encoded, collator, run.config.batch_size, run.device, run.processes).numpy()
+
+
+def teacher_logits_per_input(run: PreparedRun, teacher: Any, teacher_tokenizer: Any) -> np.ndarray:
+    """The teacher's logits of every training text, repeated for each of the student's inputs of that text."""
+    return teacher_logits_per_text(run, teacher, teacher_tokenizer, run.train_data)[run.train_set.owners]
+
+
+def teacher_labels(task: str, logits: np.ndarray, threshold: float) -> np.ndarray:
+    """The teacher's predictions as training targets: its top class (binary, multiclass), or every label
+    whose probability passes its multi-label threshold."""
+    if task == "multilabel":
+        return (1 / (1 + np.exp(-logits)) > threshold).astype(np.float32)
+    return logits.argmax(axis=1)
+
+
+def with_transfer_set(run: PreparedRun, teacher: Any, teacher_tokenizer: Any) -> EncodedDataset:
+    """The training set followed by the transfer texts, which the teacher labels: its logits as their
+    soft targets and its predicted labels as their task targets. Call after the training set's own
+    teacher logits are set."""
+    train, transfer = run.train_set, run.transfer_set
+    logits = teacher_logits_per_text(run, teacher, teacher_tokenizer, run.transfer_data)
+    threshold = float(getattr(teacher.config, "multilabel_threshold", 0.5))
+    targets = teacher_labels(run.space.task, logits, threshold).astype(train.targets.dtype)
+    joined = EncodedDataset(
+        train.input_ids + transfer.input_ids,
+        np.concatenate([train.targets, targets]),
+        np.concatenate([train.owners, transfer.owners + train.texts]),
+        train.aggregation,
+    )
+    joined.teacher_logits = np.concatenate([train.teacher_logits, logits[transfer.owners]])
+    return joined
 
 
 def build_distiller(run: PreparedRun, task_loss: ClassificationLoss, student: nn.Module) -> tuple[Distiller, str]:
@@ -149,6 +180,8 @@ def build_distiller(run: PreparedRun, task_loss: ClassificationLoss, student: nn
     teacher = load_teacher(run)
     teacher_tokenizer = load_tokenizer(config.teacher)
     run.train_set.teacher_logits = teacher_logits_per_input(run, teacher, teacher_tokenizer)
+    if run.transfer_set is not None:
+        run.train_set = with_transfer_set(run, teacher, teacher_tokenizer)
     loss_fn = DistillationLoss(task_loss, config.distill_alpha, config.distill_temperature)
     if config.distill_hidden_weight == 0:
         distiller = Distiller(loss_fn, 0.0)
@@ -166,4 +199,6 @@ def build_distiller(run: PreparedRun, task_loss: ClassificationLoss, student: nn
         f"{config.distill_alpha} x soft targets at T {config.distill_temperature}{hidden}; "
         f"teacher logits of {len(run.train_data)} training texts computed once"
     )
+    if run.transfer_data is not None:
+        line += f"; {len(run.transfer_data)} transfer texts of {config.transfer_file} labelled by the teacher"
     return distiller, line

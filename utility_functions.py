@@ -38,6 +38,7 @@ from data_functions import (
     LabelSpace,
     hard_label_sets,
     load_data,
+    load_transfer_texts,
     staged_directory,
     write_csv,
     write_json,
@@ -959,6 +960,8 @@ class PreparedRun:
     log_dir: Path
     processes: Processes
     epoch_budget: str  # how --epochs and --min_steps gave config.epochs, for the log line
+    transfer_data: LabeledData | None = None  # --transfer_file's texts; the teacher labels them (distillation.py)
+    transfer_set: EncodedDataset | None = None
 
 
 def resolve_config(config: Config) -> Config:
@@ -989,16 +992,19 @@ def prepare_run(config: Config) -> PreparedRun:
         raise DataError(
             f"--metric_for_best_model {config.metric_for_best_model}: a {space.task} task reports {choices}"
         )
+    transfer = load_transfer_texts(config) if config.transfer_file else None
     tokenizer = load_tokenizer(config.model_name_or_path)
     long_text = long_text_of(config)
     train_set = encode(tokenizer, train, long_text, config.train_windows, config.seed)
-    if math.ceil(len(train_set) / config.batch_size) < processes.world_size:
+    transfer_set = encode(tokenizer, transfer, long_text, config.train_windows, config.seed) if transfer else None
+    inputs = len(train_set) + (len(transfer_set) if transfer_set else 0)  # the transfer texts train the student too
+    if math.ceil(inputs / config.batch_size) < processes.world_size:
         raise DataError(
-            f"--batch_size {config.batch_size}: {len(train_set)} training inputs "
+            f"--batch_size {config.batch_size}: {inputs} training inputs "
             f"make fewer batches than the {processes.world_size} processes"
         )
-    planned = planned_epochs(config, len(train_set), processes.world_size)
-    epoch_budget = describe_epoch_budget(config, planned, len(train_set), processes.world_size)
+    planned = planned_epochs(config, inputs, processes.world_size)
+    epoch_budget = describe_epoch_budget(config, planned, inputs, processes.world_size)
     config = dataclasses.replace(config, epochs=planned)  # config.json records what ran
     run_dir = run_directory(config)
     if (run_dir / "config.json").exists() and not config.resume:
@@ -1020,6 +1026,8 @@ def prepare_run(config: Config) -> PreparedRun:
         log_dir=Path(config.logging_dir) / config.run_name,
         processes=processes,
         epoch_budget=epoch_budget,
+        transfer_data=transfer,
+        transfer_set=transfer_set,
     )
 
 
@@ -1072,7 +1080,8 @@ def describe_splits(run: PreparedRun) -> str:
     if not config.validation_file:
         valid += f" (split off the training file: {config.valid_size:.0%}, stratified, seed {config.seed})"
     test = f"test {len(run.test_data)}" if run.test_data is not None else "no test split (no --test_file)"
-    return f"train {len(run.train_data)}, {valid}, {test}"
+    transfer = f" (+ {len(run.transfer_data)} unlabelled transfer texts)" if run.transfer_data else ""
+    return f"train {len(run.train_data)}{transfer}, {valid}, {test}"
 
 
 def describe_epoch_budget(config: Config, planned: int, train_rows: int, world_size: int) -> str:

@@ -39,6 +39,16 @@ def banking77_slice(directory: Path, classes: int, train_per_class: int, test_pe
     return paths
 
 
+def banking77_unlabelled(path: Path, classes: int, skip_per_class: int, per_class: int) -> Path:
+    """A one-column (text) table of BANKING77 training texts of the first `classes` labels that
+    banking77_slice's first `skip_per_class` texts of each label leave out: texts no run has seen."""
+    train = pd.read_csv(shared_file("banking77/train.csv"))
+    kept = sorted(train["label"].unique())[:classes]
+    rows = train[train["label"].isin(kept)].groupby("label").nth(range(skip_per_class, skip_per_class + per_class))
+    rows[["text"]].to_csv(path, index=False)
+    return path
+
+
 def tiny_run_args(model_dir: Path, tmp_path: Path, run_name: str = "run") -> list[str]:
     """Command-line options for a fast run of the tiny model that writes only under tmp_path."""
     return [
